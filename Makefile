@@ -1,0 +1,38 @@
+# The two commands of the README: `make demo` and `make test`.
+# Both create the environment in .venv if it is missing. On machines without an NVIDIA GPU the
+# CPU build of torch is pinned (torch==2.13.0) and installed before anything else, so no later
+# install can pull a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.studios-installed
+
+.PHONY: demo test env bench lint clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PIP) install -q torch; \
+	else \
+		$(PIP) install -q torch==2.13.0; \
+	fi
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/studios demo --output demo-output
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/throughput.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check pipeline flows tests bench
+	$(PY) -m mypy pipeline
+
+clean:
+	rm -rf demo-output bench-output .pytest_cache

@@ -1,0 +1,196 @@
+"""The per-block task that runs on a worker.
+
+A task receives a :class:`SegmentJob` (paths and a few numbers) and a :class:`Block`
+(coordinates); it never receives voxel data. It reads block + halo from the scan, normalises
+with the global affine map, predicts, trims the halo (the model is valid, so its output *is*
+the write box), writes its own output chunks, then its ledger record and done-marker.
+
+The model is loaded once per worker process and cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.bundle import load_bundle
+from pipeline.errors import StorageError
+from pipeline.inference import forward, numerics, quantize, read_padded, resolve_device, to_labels
+from pipeline.ledger import CONF_BINS, BlockRecord, Ledger
+from pipeline.models.base import StridefreeModel
+from pipeline.tiling import Block
+
+logger = logging.getLogger(__name__)
+
+_CACHE: dict[tuple[str, str], StridefreeModel] = {}
+_CACHE_LOCK = threading.Lock()
+_THREADS_SET = False
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentJob:
+    """Everything a worker needs besides the block (all small, picklable values)."""
+
+    scan: str
+    output: str
+    model: str
+    fingerprint: str
+    classes: int
+    offset: float
+    scale: float
+    probabilities: bool = False
+    device: str = "cpu"
+    exact: bool = False
+    skip_constant: bool = False
+    mask: str | None = None
+    torch_threads: int = 0
+    fail_first_attempt: tuple[str, ...] = ()  # fault injection for tests: block ids
+
+
+def _model(job: SegmentJob) -> StridefreeModel:
+    key = (job.model, job.fingerprint)
+    with _CACHE_LOCK:
+        model = _CACHE.get(key)
+        if model is None:
+            bundle = load_bundle(job.model)
+            model = bundle.build().to(resolve_device(job.device))
+            _CACHE[key] = model
+            logger.info("loaded model %s on %s (pid %d)", job.model, job.device, os.getpid())
+        return model
+
+
+def _set_threads(job: SegmentJob) -> None:
+    global _THREADS_SET
+    if job.torch_threads and not _THREADS_SET:
+        torch.set_num_threads(job.torch_threads)
+        _THREADS_SET = True
+
+
+def _open(job: SegmentJob) -> tuple[zarr.Array, zarr.Group]:
+    scan = zarr.open_group(job.scan, mode="r")["0"]
+    out = zarr.open_group(job.output, mode="r+")
+    assert isinstance(scan, zarr.Array)
+    return scan, out
+
+
+def _attempt_marker(job: SegmentJob, block: Block) -> Path:
+    return Path(job.output).with_name(Path(job.output).name + ".faults") / block.id
+
+
+def _inject_fault(job: SegmentJob, block: Block) -> None:
+    """Test hook: raise on the first attempt of the named blocks (state kept on disk)."""
+    if block.id not in job.fail_first_attempt:
+        return
+    marker = _attempt_marker(job, block)
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("failed once\n")
+        raise RuntimeError(f"injected fault in block {block.id}")
+
+
+def block_statistics(
+    raw: np.ndarray[Any, Any], probs: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], classes: int
+) -> dict[str, float]:
+    """Per-block sums used by QC: class counts, per-class intensity sums, confidence histogram.
+
+    Args:
+        raw: (Z, Y, X) raw intensities of the write box.
+        probs: (K, Z, Y, X) float32 probabilities.
+        labels: (Z, Y, X) uint8 labels 1..K.
+    """
+    flat = labels.reshape(-1).astype(np.int64) - 1
+    values = raw.reshape(-1).astype(np.float64)
+    counts = np.bincount(flat, minlength=classes)
+    isum = np.bincount(flat, weights=values, minlength=classes)
+    isum2 = np.bincount(flat, weights=values * values, minlength=classes)
+    top = probs.max(axis=0).reshape(-1)
+    conf, _ = np.histogram(top, bins=CONF_BINS, range=(0.0, 1.0))
+    p = np.clip(probs, 1e-12, 1.0)
+    entropy = float(-(p * np.log(p)).sum(axis=0, dtype=np.float64).sum())
+    out: dict[str, float] = {}
+    for k in range(classes):
+        out[f"count_{k + 1}"] = float(counts[k])
+        out[f"isum_{k + 1}"] = float(isum[k])
+        out[f"isum2_{k + 1}"] = float(isum2[k])
+    for i in range(CONF_BINS):
+        out[f"conf_{i}"] = float(conf[i])
+    out["entropy_sum"] = entropy
+    return out
+
+
+def run_block(job: SegmentJob, block: Block) -> dict[str, Any]:
+    """Segment one block and record it in the ledger.
+
+    Returns:
+        ``{"id", "index", "skipped", "voxels", "read_s", "normalize_s", "forward_s", "write_s"}``.
+    """
+    _set_threads(job)
+    _inject_fault(job, block)
+    try:
+        scan, out = _open(job)
+    except (OSError, KeyError, ValueError) as exc:
+        raise StorageError(f"block {block.id}: cannot open the scan or output ({exc})") from exc
+    ledger = Ledger(out)
+    labels_arr = out["0"]
+    volume = tuple(scan.shape)
+    write_slices = block.write.to_slices()
+    t0 = time.perf_counter()
+
+    if job.mask is not None:
+        mask = np.asarray(zarr.open_group(job.mask, mode="r")["0"][write_slices])
+        if not mask.any():
+            record = BlockRecord(block.id, block.index, {"voxels": block.write.size, "skipped": 1})
+            ledger.mark(record, skipped=True)
+            logger.debug("block %s: outside the mask, skipped", block.id)
+            return {"id": block.id, "index": block.index, "skipped": True, "voxels": block.write.size}
+
+    raw = read_padded(scan, block, volume)
+    t_read = time.perf_counter() - t0
+    if job.skip_constant:
+        src = raw[block.write.relative_to(block.read).to_slices()]
+        if src.min() == src.max():
+            record = BlockRecord(block.id, block.index, {"voxels": block.write.size, "skipped": 1, "read_s": t_read})
+            ledger.mark(record, skipped=True)
+            logger.debug("block %s: constant input, skipped", block.id)
+            return {"id": block.id, "index": block.index, "skipped": True, "voxels": block.write.size}
+
+    model = _model(job)
+    device = resolve_device(job.device)
+    with numerics(exact=job.exact):
+        t1 = time.perf_counter()
+        probs = forward(model, raw, offset=job.offset, scale=job.scale, device=device)
+        t_fwd = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    labels = to_labels(probs)
+    inner = raw[block.write.relative_to(block.read).to_slices()]
+    stats = block_statistics(inner, probs, labels, job.classes)
+    t_norm = time.perf_counter() - t2  # post-processing; normalisation is fused into forward
+    t3 = time.perf_counter()
+    try:
+        labels_arr[write_slices] = labels
+        if job.probabilities:
+            out["probabilities/0"][(slice(None), *write_slices)] = quantize(probs)
+    except OSError as exc:
+        raise StorageError(f"block {block.id}: writing {job.output} failed ({exc}); check free space") from exc
+    t_write = time.perf_counter() - t3
+    values = {
+        "voxels": float(block.write.size),
+        "read_s": t_read,
+        "normalize_s": t_norm,
+        "forward_s": t_fwd,
+        "write_s": t_write,
+        "skipped": 0.0,
+        **stats,
+    }
+    ledger.mark(BlockRecord(block.id, block.index, values))
+    logger.debug("block %s: %d voxels in %.3fs", block.id, block.write.size, time.perf_counter() - t0)
+    return {"id": block.id, "index": block.index, "skipped": False, **values}

@@ -1,0 +1,332 @@
+"""Blockwise segmentation of a scan: plan, dispatch, stitch by trimming halos, summarise.
+
+Output layout (OME-Zarr on zarr v3)::
+
+    seg.zarr/
+      0/                 (Z, Y, X) uint8 labels: 0 = not computed, 1..K = classes
+      1/, 2/ ...         label pyramid (nearest) for viewers
+      probabilities/0    (K, Z, Y, X) uint8 round(255 p), with --probabilities
+      ledger/done        per-block done markers; ledger/stats per-block records
+      zarr.json          attributes: ome multiscales, studios {kind, classes, complete, run, ...}
+
+Resume: an unfinished output made with the same scan, model and blocks is continued (finished
+blocks are skipped); ``force`` recomputes every block; ``overwrite`` replaces a finished one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline import __version__
+from pipeline.blockwork import SegmentJob, run_block
+from pipeline.bundle import ModelBundle, load_bundle, save_bundle
+from pipeline.cluster import ClusterSpec, open_client
+from pipeline.errors import BlockFailedError, InputError, OutputExistsError
+from pipeline.executors import DaskExecutor, Executor, RunOutcome, SerialExecutor
+from pipeline.ledger import Ledger, check_manifest, field_names
+from pipeline.outputs import OutputLock, check_output
+from pipeline.progress import NullReporter, Reporter
+from pipeline.store import (
+    DEFAULT_CHUNKS,
+    build_pyramid,
+    create_array,
+    create_group,
+    fit_chunks,
+    multiscales,
+    open_image,
+    set_studios_attrs,
+)
+from pipeline.tiling import grid_shape, plan_blocks
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """Summary of a segmentation run (also stored as ``studios.run`` in the output)."""
+
+    path: Path
+    shape: tuple[int, ...]
+    classes: tuple[str, ...]
+    blocks_total: int
+    blocks_done: int
+    blocks_skipped: int
+    blocks_resumed: int
+    failed: dict[str, str]
+    seconds: float
+    voxels_per_second: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    class_fractions: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "shape": list(self.shape),
+            "classes": list(self.classes),
+            "blocks_total": self.blocks_total,
+            "blocks_done": self.blocks_done,
+            "blocks_skipped": self.blocks_skipped,
+            "blocks_resumed": self.blocks_resumed,
+            "failed": dict(self.failed),
+            "seconds": round(self.seconds, 3),
+            "voxels_per_second": round(self.voxels_per_second, 1),
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "class_fractions": self.class_fractions,
+        }
+
+
+def _block_shape(block: int | Sequence[int], chunks: Sequence[int]) -> tuple[int, int, int]:
+    shape = (block,) * 3 if isinstance(block, int) else tuple(int(b) for b in block)
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"block shape {block!r} must be one or three positive integers")
+    return shape  # type: ignore[return-value]
+
+
+def segment(
+    scan: str | os.PathLike[str],
+    model: str | os.PathLike[str] | ModelBundle,
+    output: str | os.PathLike[str],
+    *,
+    block: int | Sequence[int] = DEFAULT_BLOCK,
+    chunks: Sequence[int] | None = None,
+    cluster: ClusterSpec | None = None,
+    executor: Executor | None = None,
+    probabilities: bool = False,
+    device: str = "cpu",
+    exact: bool = False,
+    skip_constant: bool = False,
+    mask: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    take_over_lock: bool = False,
+    retries: int = 2,
+    reporter: Reporter | None = None,
+    pyramid: bool = True,
+    fail_first_attempt: Sequence[str] = (),
+) -> SegmentResult:
+    """Segment ``scan`` with ``model`` into ``output``.
+
+    Args:
+        scan: an ingested scan (``studios ingest``).
+        model: a bundle folder or an in-memory :class:`ModelBundle`.
+        output: the ``.zarr`` to write.
+        block: write-box edge (or (z, y, x)); a multiple of the output chunks.
+        chunks: output chunk shape; default ``min(block, 128)`` per axis.
+        cluster: where blocks run (default: a LocalCluster); ignored if ``executor`` is given.
+        executor: run blocks with this executor (e.g. :class:`SerialExecutor`).
+        probabilities: also write ``probabilities/0`` (K, Z, Y, X) uint8.
+        exact: bit-identical to the whole-volume reference (oneDNN off; slower on CPU).
+        skip_constant: blocks whose input is constant (air) are written as 0 and skipped.
+        mask: a studios image; blocks where it is all 0 are skipped.
+        overwrite: replace a finished output. force: recompute all blocks of an unfinished one.
+
+    Returns:
+        The run summary. Raises :class:`BlockFailedError` if blocks kept failing; the output
+        then stays marked incomplete and a rerun resumes it.
+    """
+    reporter = reporter or NullReporter()
+    t_start = time.perf_counter()
+    out = Path(output)
+    image = open_image(scan, kind="scan")
+    bundle = model if isinstance(model, ModelBundle) else load_bundle(model)
+    mask_image = open_image(mask) if mask is not None else None
+    if mask_image is not None and mask_image.shape != image.shape:
+        raise InputError(f"{mask}: mask shape {mask_image.shape} differs from the scan {image.shape}; give a matching mask")
+    block_shape = _block_shape(block, chunks or DEFAULT_CHUNKS)
+    chunk_shape = fit_chunks(chunks or tuple(min(b, c) for b, c in zip(block_shape, DEFAULT_CHUNKS, strict=True)), image.shape)
+    blocks = plan_blocks(image.shape, block_shape, bundle.halo, chunk_shape=chunk_shape)
+    grid = grid_shape(image.shape, block_shape)
+    offset, scale = bundle.normalization.affine(image.stats)
+    manifest = {
+        "scan": str(Path(scan).resolve()),
+        "model_fingerprint": bundle.fingerprint,
+        "block": list(block_shape),
+        "chunks": list(chunk_shape),
+        "probabilities": probabilities,
+        "exact": exact,
+    }
+
+    with OutputLock(out, take_over=take_over_lock):
+        group, resumed = _prepare_output(out, manifest, overwrite=overwrite, inputs=[Path(scan)])
+        if not resumed:
+            _create_output(group, image.shape, chunk_shape, bundle, grid, probabilities=probabilities)
+            set_studios_attrs(group, ledger=manifest)
+        model_dir = out / "model"
+        if not (model_dir / "model.json").exists():
+            save_bundle(bundle, model_dir)
+        ledger = Ledger(group)
+        todo = blocks if force else ledger.pending(blocks)
+        n_resumed = len(blocks) - len(todo)
+        if n_resumed:
+            logger.info("resuming %s: %d of %d blocks already done, skipped", out, n_resumed, len(blocks))
+        spec = cluster or ClusterSpec()
+        job = SegmentJob(
+            scan=str(image.path),
+            output=str(out),
+            model=str(model_dir),
+            fingerprint=bundle.fingerprint,
+            classes=len(bundle.classes),
+            offset=offset,
+            scale=scale,
+            probabilities=probabilities,
+            device=device,
+            exact=exact,
+            skip_constant=skip_constant,
+            mask=str(mask_image.path) if mask_image else None,
+            torch_threads=spec.torch_threads(),
+            fail_first_attempt=tuple(fail_first_attempt),
+        )
+        outcome = _dispatch(job, todo, executor=executor, cluster=spec, retries=retries, reporter=reporter)
+        result = _finish(group, out, image.shape, bundle, ledger, blocks, outcome, n_resumed, t_start, pyramid)
+    if result.failed:
+        ids = ", ".join(sorted(result.failed)[:10])
+        first = next(iter(result.failed.values()))
+        raise BlockFailedError(
+            f"{out}: {len(result.failed)} of {len(blocks)} blocks failed ({ids}); first error: {first}; "
+            "the output is marked incomplete, rerun the same command to retry them",
+            result.failed,
+        )
+    return result
+
+
+def _prepare_output(
+    out: Path, manifest: dict[str, Any], *, overwrite: bool, inputs: Sequence[Path]
+) -> tuple[zarr.Group, bool]:
+    """Open an unfinished output to resume, or create a fresh one. Returns (group, resumed)."""
+    if out.exists():
+        try:
+            group = zarr.open_group(str(out), mode="r+")
+            attrs = dict(group.attrs.get("studios", {}))
+        except Exception:
+            attrs = {}
+            group = None
+        finished = attrs.get("complete", False)
+        if group is not None and attrs.get("kind") == "segmentation" and not finished and not overwrite:
+            check_manifest(attrs.get("ledger"), manifest, str(out))
+            return group, True
+        if not overwrite:
+            what = "a finished segmentation" if finished else "something that is not a studios segmentation"
+            raise OutputExistsError(f"{out}: already holds {what}; pass --overwrite to replace it or choose another path")
+        check_output(out, inputs=inputs, overwrite=True)
+        shutil.rmtree(out)
+    else:
+        check_output(out, inputs=inputs, overwrite=overwrite)
+    return create_group(out), False
+
+
+def _create_output(
+    group: zarr.Group,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    bundle: ModelBundle,
+    grid: Sequence[int],
+    *,
+    probabilities: bool,
+) -> None:
+    set_studios_attrs(group, kind="segmentation", complete=False, classes=list(bundle.classes))
+    create_array(group, "0", shape=shape, dtype="uint8", chunks=chunks)
+    if probabilities:
+        probs = group.create_group("probabilities")
+        create_array(
+            probs, "0", shape=(len(bundle.classes), *shape), dtype="uint8",
+            chunks=(len(bundle.classes), *chunks), dimension_names=("c", "z", "y", "x"),
+        )
+    Ledger.create(group, grid, field_names(len(bundle.classes)))
+
+
+def _dispatch(
+    job: SegmentJob,
+    blocks: Sequence[Any],
+    *,
+    executor: Executor | None,
+    cluster: ClusterSpec,
+    retries: int,
+    reporter: Reporter,
+) -> RunOutcome:
+    if not blocks:
+        return RunOutcome()
+    if executor is not None:
+        return executor.run(run_block, job, blocks, reporter=reporter)
+    with open_client(cluster) as client:
+        return DaskExecutor(client, retries=retries, resources=cluster.resources).run(
+            run_block, job, blocks, reporter=reporter
+        )
+
+
+def _finish(
+    group: zarr.Group,
+    out: Path,
+    shape: tuple[int, ...],
+    bundle: ModelBundle,
+    ledger: Ledger,
+    blocks: Sequence[Any],
+    outcome: RunOutcome,
+    n_resumed: int,
+    t_start: float,
+    pyramid: bool,
+) -> SegmentResult:
+    totals = ledger.totals()
+    mask = ledger.done_mask()
+    n_done = int((mask > 0).sum())
+    n_skipped = int((mask == 2).sum())
+    stage = {k: totals.get(k, 0.0) for k in ("read_s", "normalize_s", "forward_s", "write_s")}
+    counts = np.array([totals.get(f"count_{k + 1}", 0.0) for k in range(len(bundle.classes))])
+    fractions = {c: float(n / counts.sum()) if counts.sum() else 0.0 for c, n in zip(bundle.classes, counts, strict=True)}
+    seconds = time.perf_counter() - t_start
+    computed_voxels = sum(r.get("voxels", 0) for r in outcome.results)
+    result = SegmentResult(
+        path=out,
+        shape=shape,
+        classes=bundle.classes,
+        blocks_total=len(blocks),
+        blocks_done=n_done,
+        blocks_skipped=n_skipped,
+        blocks_resumed=n_resumed,
+        failed=dict(outcome.failed),
+        seconds=seconds,
+        voxels_per_second=computed_voxels / outcome.seconds if outcome.seconds else 0.0,
+        stage_seconds={**stage, "dispatch": outcome.seconds},
+        class_fractions=fractions,
+    )
+    run = {**result.to_json(), "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+           "host": socket.gethostname(), "studios_version": __version__, "model": bundle.to_json()["provenance"]}
+    if outcome.failed or n_done < len(blocks):
+        set_studios_attrs(group, run=run, complete=False)
+        return result
+    levels = build_pyramid(group, method="nearest") if pyramid else 1
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [multiscales(levels, voxel_size=_voxel_size(group, out), name=out.stem)],
+    }
+    set_studios_attrs(group, run=run)
+    set_studios_attrs(group, complete=True)
+    return result
+
+
+def _voxel_size(group: zarr.Group, out: Path) -> tuple[float, float, float]:
+    scan = group.attrs.get("studios", {}).get("ledger", {}).get("scan")
+    if scan:
+        try:
+            return open_image(scan, require_complete=False).voxel_size
+        except InputError:
+            pass
+    return (1.0, 1.0, 1.0)
+
+
+def serial(retries: int = 2) -> SerialExecutor:
+    """The in-process executor (debugging, tests)."""
+    return SerialExecutor(retries=retries)
