@@ -1,0 +1,98 @@
+"""The studios command: help for every subcommand, one-line errors, and a real end-to-end run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import CEMENT, ROOT
+
+STUDIOS = [sys.executable, "-m", "pipeline.cli"]
+ENV = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def studios(*args: str | Path, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*STUDIOS, *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT, env=ENV, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"studios {args} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def _subcommands() -> list[list[str]]:
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    out = [[name] for name in sub.choices]  # type: ignore[union-attr]
+    return out + [["model", "init"], ["model", "info"], ["model", "list"]]
+
+
+@pytest.mark.parametrize("cmd", _subcommands(), ids=lambda c: " ".join(c))
+def test_every_subcommand_has_help(cmd):
+    proc = studios(*cmd, "--help")
+    assert "usage: studios" in proc.stdout
+
+
+def test_core_subcommands_exist():
+    names = {c[0] for c in _subcommands()}
+    assert {"ingest", "model", "segment", "demo"} <= names
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("studios: error:")
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_errors_are_one_line_and_debug_shows_traceback(tmp_path):
+    proc = studios("ingest", tmp_path / "missing", tmp_path / "o.zarr", check=False)
+    _assert_one_line_error(proc, "missing", "does not exist")
+    assert proc.returncode == 2
+    proc = studios("--debug", "ingest", tmp_path / "missing", tmp_path / "o.zarr", check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    proc = studios("model", "init", tmp_path / "m", "--params", "{oops", check=False)
+    _assert_one_line_error(proc, "--params is not valid JSON")
+    proc = studios("segment", tmp_path / "no.zarr", tmp_path / "m", tmp_path / "s.zarr", check=False)
+    _assert_one_line_error(proc, "no.zarr")
+
+
+def test_end_to_end_real_tomogram_block_sizes_identical(tmp_path):
+    """Ingest a real tomogram, segment at two block sizes and as one block: identical labels."""
+    studios("ingest", CEMENT, tmp_path / "scan.zarr", "--voxel-size", "2", "2", "2")
+    proc = studios("model", "init", tmp_path / "model", "--classes", "void", "cement", "--params", '{"channels": 8}', "--seed", "3")
+    assert "halo" in proc.stdout
+    info = studios("model", "info", tmp_path / "model").stdout
+    assert '"arch": "dilated_resnet"' in info and "flops_per_voxel" in info
+    outs = []
+    for block in ("32", "64", "128"):
+        out = tmp_path / f"seg{block}.zarr"
+        extra = ["--cluster", "serial"] if block != "64" else ["--workers", "1", "--threads-per-worker", "2"]
+        proc = studios("segment", tmp_path / "scan.zarr", tmp_path / "model", out, "--block", block, "--exact", *extra)
+        assert "wrote" in proc.stdout and "blocks" in proc.stdout
+        group = zarr.open_group(str(out), mode="r")
+        outs.append(np.asarray(group["0"][...]))
+        ms = group.attrs["ome"]["multiscales"][0]
+        assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [2.0, 2.0, 2.0]
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+    proc = studios("segment", tmp_path / "scan.zarr", tmp_path / "model", tmp_path / "seg32.zarr", check=False)
+    _assert_one_line_error(proc, "already holds a finished segmentation", "--overwrite")
+    proc = studios("segment", tmp_path / "scan.zarr", tmp_path / "model", tmp_path / "x.zarr", "--block", "48",
+                   "--chunks", "32", "32", "32", check=False)
+    _assert_one_line_error(proc, "does not align", "multiple of")
+
+
+def test_demo_runs_from_any_directory(tmp_path):
+    proc = studios("demo", "--output", tmp_path / "demo", cwd=tmp_path)
+    assert "studios demo finished" in proc.stdout
+    assert (tmp_path / "demo" / "summary.json").exists()
+    assert zarr.open_group(str(tmp_path / "demo" / "seg.zarr"), mode="r").attrs["studios"]["complete"] is True
