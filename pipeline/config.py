@@ -135,6 +135,8 @@ def cluster_spec_from_file(path: str | os.PathLike[str], *, kind: str | None = N
         section["kind"] = kind
     if workers and workers != 1:
         section["workers"] = workers
-    if "adapt" in section and section["adapt"] is not None:
-        section["adapt"] = tuple(section["adapt"])
-    return parse_section(section, ClusterSpec, f"{path}: cluster")
+    try:
+        return parse_section(section, ClusterSpec, f"{path}: cluster")
+    except ConfigError as exc:  # errors raised by ClusterSpec itself do not name the file yet
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(f"{path}:") else f"{path}: {msg}") from None

@@ -73,5 +73,6 @@ def run_demo(output: Path, *, workers: int = 1) -> str:
         "  classes:       " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.class_fractions.items()),
         f"  blockwise vs whole-volume labels differing: {mismatches}",
         f"  summary:       {output / 'summary.json'}",
+        f"  QC report:     {result.qc}",
     ]
     return "\n".join(lines)

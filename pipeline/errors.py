@@ -63,6 +63,12 @@ class StorageError(StudiosError, OSError):
     exit_code = 4
 
 
+class DiskFullError(StorageError):
+    """No space left on the output's filesystem; the run stops instead of failing every block."""
+
+    exit_code = 4
+
+
 class ClusterError(StudiosError, RuntimeError):
     """A compute cluster could not be started or reached."""
 

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.errors import InputError
+from pipeline.errors import InputError, StudiosError
 from pipeline.normalize import IntensityStats, StatsAccumulator
-from pipeline.outputs import OutputLock, atomic_directory, check_output
+from pipeline.outputs import OutputLock, atomic_directory, check_output, storage_error
 from pipeline.progress import NullReporter, Reporter
 from pipeline.sources import Source, open_source
 from pipeline.store import (
@@ -103,6 +103,30 @@ def ingest(
     starts = list(range(0, src.shape[0], slab))
     logger.info("ingest %s (%s, %s %s) -> %s", src.path, src.format, src.shape, src.dtype.name, out)
 
+    try:
+        return _write(src, out, chunk_shape, slab, starts, voxel_size=voxel_size, unit=unit, workers=workers,
+                      nonfinite=nonfinite, overwrite=overwrite, pyramid=pyramid, reporter=reporter)
+    except StudiosError:
+        raise
+    except OSError as exc:
+        raise storage_error(out, exc) from None
+
+
+def _write(
+    src: Source,
+    out: Path,
+    chunk_shape: tuple[int, ...],
+    slab: int,
+    starts: list[int],
+    *,
+    voxel_size: Sequence[float],
+    unit: str,
+    workers: int,
+    nonfinite: str,
+    overwrite: bool,
+    pyramid: bool,
+    reporter: Reporter,
+) -> IngestResult:
     with OutputLock(out), atomic_directory(out, overwrite=overwrite) as tmp:
         group = create_group(tmp)
         array = create_array(group, "0", shape=src.shape, dtype=src.dtype, chunks=chunk_shape)
@@ -111,7 +135,15 @@ def ingest(
         bad = 0
 
         def work(z0: int) -> tuple[StatsAccumulator, int]:
-            data = src.read(z0, min(z0 + slab, src.shape[0]))
+            try:
+                data = src.read(z0, min(z0 + slab, src.shape[0]))
+            except StudiosError:
+                raise
+            except Exception as exc:  # decoder errors of corrupted inputs come in many types
+                raise InputError(
+                    f"{src.path}: slab z={z0}.. could not be read ({type(exc).__name__}: {exc}); "
+                    "the file is damaged, re-export it"
+                ) from None
             count = 0
             if data.dtype.kind == "f":
                 finite = np.isfinite(data)

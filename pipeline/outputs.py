@@ -21,9 +21,21 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pipeline.errors import InputError, LockError, OutputExistsError
+from pipeline.errors import DiskFullError, InputError, LockError, OutputExistsError, StorageError
 
 logger = logging.getLogger(__name__)
+
+
+def storage_error(out: Path, exc: OSError) -> StorageError:
+    """A one-line error for a failed write to ``out``; a full disk gives :class:`DiskFullError`."""
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiskFullError(
+            f"{out}: writing failed ({exc.strerror}); free space on its filesystem or choose another output, "
+            "then rerun"
+        )
+    return StorageError(f"{out}: writing failed ({exc}); check the path, permissions and free space")
 
 
 def check_output(out: Path, *, inputs: Iterable[Path] = (), overwrite: bool = False) -> None:

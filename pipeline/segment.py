@@ -15,6 +15,7 @@ blocks are skipped); ``force`` recomputes every block; ``overwrite`` replaces a 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -32,11 +33,12 @@ import zarr
 from pipeline import __version__
 from pipeline.blockwork import SegmentJob, run_block
 from pipeline.bundle import ModelBundle, load_bundle, save_bundle
-from pipeline.cluster import ClusterSpec, open_client
-from pipeline.errors import BlockFailedError, InputError, OutputExistsError
+from pipeline.cluster import ClusterSpec, auto_block, open_client, preflight
+from pipeline.errors import BlockFailedError, ConfigError, DiskFullError, InputError, OutputExistsError, StudiosError
 from pipeline.executors import DaskExecutor, Executor, RunOutcome, SerialExecutor
+from pipeline.inference import PRECISIONS, resolve_device
 from pipeline.ledger import Ledger, check_manifest, field_names
-from pipeline.outputs import OutputLock, check_output
+from pipeline.outputs import OutputLock, check_output, storage_error
 from pipeline.progress import NullReporter, Reporter
 from pipeline.store import (
     DEFAULT_CHUNKS,
@@ -71,6 +73,7 @@ class SegmentResult:
     voxels_per_second: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     class_fractions: dict[str, float] = field(default_factory=dict)
+    qc: Path | None = None  # report.html of the QC run at the end (None: no QC)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,6 +89,7 @@ class SegmentResult:
             "voxels_per_second": round(self.voxels_per_second, 1),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "class_fractions": self.class_fractions,
+            "qc": str(self.qc) if self.qc else None,
         }
 
 
@@ -101,12 +105,13 @@ def segment(
     model: str | os.PathLike[str] | ModelBundle,
     output: str | os.PathLike[str],
     *,
-    block: int | Sequence[int] = DEFAULT_BLOCK,
+    block: int | Sequence[int] | None = None,
     chunks: Sequence[int] | None = None,
     cluster: ClusterSpec | None = None,
     executor: Executor | None = None,
     probabilities: bool = False,
-    device: str = "cpu",
+    device: str | None = None,
+    precision: str = "fp32",
     exact: bool = False,
     skip_constant: bool = False,
     mask: str | os.PathLike[str] | None = None,
@@ -117,6 +122,9 @@ def segment(
     reporter: Reporter | None = None,
     pyramid: bool = True,
     fail_first_attempt: Sequence[str] = (),
+    hang_first_attempt: Sequence[str] = (),
+    timeout: float | None = None,
+    qc: bool = True,
 ) -> SegmentResult:
     """Segment ``scan`` with ``model`` into ``output``.
 
@@ -124,15 +132,22 @@ def segment(
         scan: an ingested scan (``studios ingest``).
         model: a bundle folder or an in-memory :class:`ModelBundle`.
         output: the ``.zarr`` to write.
-        block: write-box edge (or (z, y, x)); a multiple of the output chunks.
+        block: write-box edge (or (z, y, x)); a multiple of the output chunks. Default: chosen
+            from free GPU memory when blocks run on a GPU, else 256.
         chunks: output chunk shape; default ``min(block, 128)`` per axis.
         cluster: where blocks run (default: a LocalCluster); ignored if ``executor`` is given.
         executor: run blocks with this executor (e.g. :class:`SerialExecutor`).
         probabilities: also write ``probabilities/0`` (K, Z, Y, X) uint8.
+        device: torch device of the blocks; default ``cuda`` on GPU clusters, else ``cpu``.
+        precision: ``fp32`` (default), ``bf16`` or ``fp16`` autocast (GPU; see docs/gpu.md).
         exact: bit-identical to the whole-volume reference (oneDNN off; slower on CPU).
         skip_constant: blocks whose input is constant (air) are written as 0 and skipped.
         mask: a studios image; blocks where it is all 0 are skipped.
         overwrite: replace a finished output. force: recompute all blocks of an unfinished one.
+        retries: extra attempts per block; timeout: seconds before a running block's attempt is
+            abandoned and retried (Dask executors only).
+        qc: after a complete run, write ``qc/qc.json`` and ``qc/report.html`` into the output
+            (:func:`pipeline.qc.run_qc`); a QC failure is logged and recorded, never fatal.
 
     Returns:
         The run summary. Raises :class:`BlockFailedError` if blocks kept failing; the output
@@ -146,6 +161,21 @@ def segment(
     mask_image = open_image(mask) if mask is not None else None
     if mask_image is not None and mask_image.shape != image.shape:
         raise InputError(f"{mask}: mask shape {mask_image.shape} differs from the scan {image.shape}; give a matching mask")
+    spec = cluster or ClusterSpec()
+    device = device or (spec.device if executor is None else "cpu")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
+    if exact and precision != "fp32":
+        raise InputError(f"exact=True needs precision fp32, not {precision}; drop --exact or --precision")
+    if executor is None:
+        preflight(spec)  # dask-cuda / GPUs / sbatch present, before any output is written
+    if executor is not None or spec.kind == "local":
+        resolve_device(device)  # blocks run here (or on this machine): the device must exist
+    if block is None:
+        block = DEFAULT_BLOCK
+        if device.startswith("cuda"):
+            gpu_chunks = fit_chunks(chunks or DEFAULT_CHUNKS, image.shape)
+            block = auto_block(bundle.build(), chunks=gpu_chunks, volume=image.shape, precision=precision) or block
     block_shape = _block_shape(block, chunks or DEFAULT_CHUNKS)
     chunk_shape = fit_chunks(chunks or tuple(min(b, c) for b, c in zip(block_shape, DEFAULT_CHUNKS, strict=True)), image.shape)
     blocks = plan_blocks(image.shape, block_shape, bundle.halo, chunk_shape=chunk_shape)
@@ -158,49 +188,78 @@ def segment(
         "chunks": list(chunk_shape),
         "probabilities": probabilities,
         "exact": exact,
+        "precision": precision,
     }
 
-    with OutputLock(out, take_over=take_over_lock):
-        group, resumed = _prepare_output(out, manifest, overwrite=overwrite, inputs=[Path(scan)])
-        if not resumed:
-            _create_output(group, image.shape, chunk_shape, bundle, grid, probabilities=probabilities)
-            set_studios_attrs(group, ledger=manifest)
-        model_dir = out / "model"
-        if not (model_dir / "model.json").exists():
-            save_bundle(bundle, model_dir)
-        ledger = Ledger(group)
-        todo = blocks if force else ledger.pending(blocks)
-        n_resumed = len(blocks) - len(todo)
-        if n_resumed:
-            logger.info("resuming %s: %d of %d blocks already done, skipped", out, n_resumed, len(blocks))
-        spec = cluster or ClusterSpec()
-        job = SegmentJob(
-            scan=str(image.path),
-            output=str(out),
-            model=str(model_dir),
-            fingerprint=bundle.fingerprint,
-            classes=len(bundle.classes),
-            offset=offset,
-            scale=scale,
-            probabilities=probabilities,
-            device=device,
-            exact=exact,
-            skip_constant=skip_constant,
-            mask=str(mask_image.path) if mask_image else None,
-            torch_threads=spec.torch_threads(),
-            fail_first_attempt=tuple(fail_first_attempt),
-        )
-        outcome = _dispatch(job, todo, executor=executor, cluster=spec, retries=retries, reporter=reporter)
-        result = _finish(group, out, image.shape, bundle, ledger, blocks, outcome, n_resumed, t_start, pyramid)
+    try:
+        with OutputLock(out, take_over=take_over_lock):
+            group, resumed = _prepare_output(out, manifest, overwrite=overwrite, inputs=[Path(scan)])
+            if not resumed:
+                _create_output(group, image.shape, chunk_shape, bundle, grid, probabilities=probabilities)
+                set_studios_attrs(group, ledger=manifest)
+            model_dir = out / "model"
+            if not (model_dir / "model.json").exists():
+                save_bundle(bundle, model_dir)
+            ledger = Ledger(group)
+            todo = blocks if force else ledger.pending(blocks)
+            n_resumed = len(blocks) - len(todo)
+            if n_resumed:
+                logger.info("resuming %s: %d of %d blocks already done, skipped", out, n_resumed, len(blocks))
+            job = SegmentJob(
+                scan=str(image.path),
+                output=str(out),
+                model=str(model_dir),
+                fingerprint=bundle.fingerprint,
+                classes=len(bundle.classes),
+                offset=offset,
+                scale=scale,
+                probabilities=probabilities,
+                device=device,
+                exact=exact,
+                skip_constant=skip_constant,
+                mask=str(mask_image.path) if mask_image else None,
+                torch_threads=spec.torch_threads(),
+                precision=precision,
+                fail_first_attempt=tuple(fail_first_attempt),
+                hang_first_attempt=tuple(hang_first_attempt),
+            )
+            outcome = _dispatch(
+                job, todo, executor=executor, cluster=spec, retries=retries, reporter=reporter, timeout=timeout
+            )
+            result = _finish(group, out, image.shape, bundle, ledger, blocks, outcome, n_resumed, t_start, pyramid)
+            if qc and not result.failed and result.blocks_done == result.blocks_total:
+                result = _quality_control(group, out, Path(scan), result, device=device)
+    except StudiosError:
+        raise
+    except OSError as exc:
+        raise storage_error(out, exc) from None
+    if outcome.failed:
+        log = _write_failure_log(out, outcome)
+        if outcome.fatal:
+            raise DiskFullError(outcome.fatal)
     if result.failed:
         ids = ", ".join(sorted(result.failed)[:10])
         first = next(iter(result.failed.values()))
         raise BlockFailedError(
             f"{out}: {len(result.failed)} of {len(blocks)} blocks failed ({ids}); first error: {first}; "
-            "the output is marked incomplete, rerun the same command to retry them",
+            f"the output is marked incomplete, rerun the same command to retry them; tracebacks in {log}",
             result.failed,
         )
     return result
+
+
+def _write_failure_log(out: Path, outcome: RunOutcome) -> Path:
+    """``<output>.failed.log``: each failed block's id, error and traceback (replaced per run)."""
+    log = out.with_name(out.name + ".failed.log")
+    stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    parts = [f"# {stamp} {out}: {len(outcome.failed)} failed block(s)\n"]
+    for block_id in sorted(outcome.failed):
+        parts.append(f"\n## block {block_id}: {outcome.failed[block_id]}\n{outcome.tracebacks.get(block_id, '')}")
+    try:
+        log.write_text("".join(parts))
+    except OSError as exc:
+        logger.error("could not write %s: %s", log, exc)
+    return log
 
 
 def _prepare_output(
@@ -256,13 +315,14 @@ def _dispatch(
     cluster: ClusterSpec,
     retries: int,
     reporter: Reporter,
+    timeout: float | None = None,
 ) -> RunOutcome:
     if not blocks:
         return RunOutcome()
     if executor is not None:
         return executor.run(run_block, job, blocks, reporter=reporter)
-    with open_client(cluster) as client:
-        return DaskExecutor(client, retries=retries, resources=cluster.resources).run(
+    with open_client(cluster, tasks=len(blocks)) as client:
+        return DaskExecutor(client, retries=retries, resources=cluster.resources, timeout=timeout).run(
             run_block, job, blocks, reporter=reporter
         )
 
@@ -314,6 +374,26 @@ def _finish(
     }
     set_studios_attrs(group, run=run)
     set_studios_attrs(group, complete=True)
+    return result
+
+
+def _quality_control(
+    group: zarr.Group, out: Path, scan: Path, result: SegmentResult, *, device: str
+) -> SegmentResult:
+    """Run QC into ``<output>/qc`` (seam check on the run's device); record it in ``studios.run.qc``."""
+    from pipeline.qc import run_qc
+
+    try:
+        report = run_qc(out, scan=scan, out_dir=out / "qc", device=device)
+    except Exception as exc:  # the segmentation is complete and valid; QC trouble must not lose it
+        logger.warning("%s: quality control failed: %s: %s", out, type(exc).__name__, exc)
+        info: dict[str, Any] = {"error": f"{type(exc).__name__}: {exc}"}
+        result = dataclasses.replace(result, qc=None)
+    else:
+        info = {"json": str(report.json_path), "report": str(report.report_path), "status": report.status,
+                "warnings": len(report.warnings)}
+        result = dataclasses.replace(result, qc=report.report_path)
+    set_studios_attrs(group, run={**dict(group.attrs.get("studios", {}).get("run", {})), "qc": info})
     return result
 
 

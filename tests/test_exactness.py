@@ -130,13 +130,13 @@ def test_real_tomogram_three_block_sizes_identical_on_dask(tmp_path, dask_addres
 
     scan = tmp_path / "scan.zarr"
     ingest(CEMENT, scan)
-    bundle = init_bundle(classes=("void", "cement"), seed=7, params={"channels": 8})
+    bundle = init_bundle(classes=("void", "cement"), seed=7, params={"channels": 4, "dilations": [1, 2, 1]})
     model_dir = save_bundle(bundle, tmp_path / "model")
     spec = ClusterSpec(kind="address", address=dask_address)
     outs = []
     for block in (32, 64, 128):
         out = tmp_path / f"seg{block}.zarr"
-        segment(scan, model_dir, out, block=block, cluster=spec, exact=True)
+        segment(scan, model_dir, out, block=block, cluster=spec, exact=True, qc=block == 128)
         outs.append(_labels(out))
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
     _check(_reference(bundle, scan, exact=True), outs[0], exact=True)

@@ -29,7 +29,8 @@ ENV = {**os.environ, "DO_NOT_TRACK": "1"}
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("faults")
     ingest(CEMENT, d / "scan.zarr")
-    save_bundle(init_bundle(classes=("void", "cement"), params={"channels": 8}, seed=11), d / "model")
+    save_bundle(init_bundle(classes=("void", "cement"), params={"channels": 4, "dilations": [1, 2]}, seed=11),
+                d / "model")
     return d
 
 
@@ -46,10 +47,10 @@ def _done_count(out: Path) -> int:
 def test_sigkill_at_half_then_resume_is_byte_identical(inputs, tmp_path):
     scan, model = inputs / "scan.zarr", inputs / "model"
     reference = tmp_path / "reference.zarr"
-    segment(scan, model, reference, block=32, executor=SerialExecutor())
+    segment(scan, model, reference, block=32, executor=SerialExecutor(), qc=False)
     out = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "pipeline.cli", "segment", str(scan), str(model), str(out), "--block", "32",
-           "--cluster", "serial"]
+           "--cluster", "serial", "--no-qc"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while _done_count(out) < 32 and proc.poll() is None and time.time() < deadline:
@@ -77,7 +78,7 @@ def test_killed_dask_worker_blocks_rerun_elsewhere(inputs, tmp_path):
 
     scan, model = inputs / "scan.zarr", inputs / "model"
     reference = tmp_path / "reference.zarr"
-    segment(scan, model, reference, block=32, executor=SerialExecutor())
+    segment(scan, model, reference, block=32, executor=SerialExecutor(), qc=False)
     out = tmp_path / "out.zarr"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster, Client(cluster) as client:
@@ -93,9 +94,48 @@ def test_killed_dask_worker_blocks_rerun_elsewhere(inputs, tmp_path):
 
         thread = threading.Thread(target=killer)
         thread.start()
-        result = segment(scan, model, out, block=32, retries=3,
+        result = segment(scan, model, out, block=32, retries=3, qc=False,
                          cluster=ClusterSpec(kind="address", address=cluster.scheduler_address))
         thread.join()
     assert killed and not result.failed and result.blocks_done == 64
     np.testing.assert_array_equal(np.asarray(zarr.open_group(str(out))["0"][...]),
                                   np.asarray(zarr.open_group(str(reference))["0"][...]))
+
+
+def test_hanging_block_times_out_and_is_retried(inputs, tmp_path, dask_address):
+    scan, model = inputs / "scan.zarr", inputs / "model"
+    out = tmp_path / "out.zarr"
+    result = segment(scan, model, out, block=64, retries=1, timeout=15.0, qc=False,
+                     cluster=ClusterSpec(kind="address", address=dask_address), hang_first_attempt=("0-1-0",))
+    assert not result.failed and result.blocks_done == 8
+    reference = tmp_path / "reference.zarr"
+    segment(scan, model, reference, block=64, executor=SerialExecutor(), qc=False)
+    np.testing.assert_array_equal(np.asarray(zarr.open_group(str(out))["0"][...]),
+                                  np.asarray(zarr.open_group(str(reference))["0"][...]))
+
+
+def test_hanging_block_without_retries_fails_with_its_id(inputs, tmp_path, dask_address):
+    from pipeline.errors import BlockFailedError
+
+    with pytest.raises(BlockFailedError, match=r"\(1-1-1\).*TimeoutError: no result after 15s"):
+        segment(inputs / "scan.zarr", inputs / "model", tmp_path / "out.zarr", block=64, retries=0, timeout=15.0,
+                qc=False, cluster=ClusterSpec(kind="address", address=dask_address), hang_first_attempt=("1-1-1",))
+
+
+def test_corrupted_input_chunk_is_named(inputs, tmp_path):
+    import shutil
+
+    from pipeline.errors import BlockFailedError
+
+    scan = tmp_path / "scan.zarr"
+    shutil.copytree(inputs / "scan.zarr", scan)
+    chunk = scan / "0" / "c" / "0" / "0" / "0"
+    chunk.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(BlockFailedError, match=r"0-0-0.*could not be read.*re-ingest the scan"):
+        segment(scan, inputs / "model", tmp_path / "out.zarr", block=64, executor=SerialExecutor(retries=0), qc=False)
+    # ingest from the damaged zarr names it too
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match="could not be read.*damaged"):
+        ingest(scan, tmp_path / "again.zarr")
+    assert not (tmp_path / "again.zarr").exists()

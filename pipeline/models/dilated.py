@@ -8,6 +8,13 @@ Layers (all valid, no stride)::
 
 Halo ``h = 1 + sum(dilations)``; context grows through dilation rather than width, so the net
 stays lean (about 3e4 parameters at 16 channels and 4 blocks).
+
+The default dilations run largest first, ``(4, 2, 1, 1)``: a valid layer is computed on its
+output region grown by the halo still to come, so putting the big dilation first keeps the wide
+intermediate volumes small. Same halo, parameters and FLOPs per voxel as ``(1, 2, 4, 1)``, but
+slice training needs about 1.6x less compute per step (the ``1 x P x P`` outputs of a labelled
+slice need ``1 + 2r``-thick intermediates) and inference of 64^3 blocks about 1.4x less; the receptive
+field stays dense (stem +-1, then +-4, +-2, +-1, +-1 covers every offset up to 9).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ class DilatedResNet(StridefreeModel):
         in_channels: int = 1,
         classes: int = 2,
         channels: int = 16,
-        dilations: Sequence[int] = (1, 2, 4, 1),
+        dilations: Sequence[int] = (4, 2, 1, 1),
         head: int = 16,
         residual: bool = True,
     ) -> None:

@@ -12,9 +12,13 @@ from typing import Any
 from pipeline.errors import ModelError
 from pipeline.models.base import StridefreeModel
 from pipeline.models.dilated import DilatedResNet
+from pipeline.models.filterbank import FilterBankMLP
+from pipeline.models.rotinv import RotInvDilatedNet
 
 ARCHITECTURES: dict[str, type[StridefreeModel]] = {
     DilatedResNet.arch: DilatedResNet,
+    RotInvDilatedNet.arch: RotInvDilatedNet,
+    FilterBankMLP.arch: FilterBankMLP,
 }
 
 DEFAULT_ARCH = DilatedResNet.arch

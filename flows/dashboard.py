@@ -1,0 +1,390 @@
+"""The studios monitoring dashboard: one page listing the scans under a root folder.
+
+``studios dashboard --root DIR`` serves (FastAPI + Jinja2 on uvicorn, bound to 127.0.0.1 by
+default; it has no authentication, put the facility's proxy in front to share it):
+
+- ``/``             the page: every scan with its state (queued / running / done / failed, and
+                    incoming scans still waiting to be complete), live progress of running ones
+                    (blocks done / total from the ledger, voxels/s, ETA), QC summary and
+                    warnings, links to its report, its Prefect flow run and the Dask dashboard.
+                    It reloads itself every ``refresh`` seconds.
+- ``/api/scans``    the same as JSON.
+- ``/files/PATH``   files under the root only (reports); ``..``, absolute paths and symlinks
+                    leading out of the root are refused with 404.
+- ``/healthz``      ``ok``.
+
+It reads only what the runs write (``studios-run.json``, ``seg.zarr`` attributes and ledger,
+``qc/qc.json``, the watcher's ``.studios-watch/state.json``) and, when ``PREFECT_API_URL`` is
+set and reachable, the flow runs' states. It never imports Prefect and never writes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+from flows.runstate import STATUS_FILE, read_json
+
+logger = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+SEG_NAMES = ("seg.zarr",)
+QC_PLACES = ("qc/qc.json", "seg.zarr/qc/qc.json")
+MAX_DEPTH = 3
+STATE_ORDER = {"running": 0, "queued": 1, "waiting": 2, "failed": 3, "done": 4}
+
+
+def _parse_time(text: Any) -> float | None:
+    if not text:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(str(text))
+    except ValueError:
+        try:
+            t = dt.datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%S%z")
+        except ValueError:
+            return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.timestamp()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def find_scan_folders(root: Path) -> list[Path]:
+    """Folders under ``root`` (itself included) holding a run-status file or a ``seg.zarr``."""
+    found: list[Path] = []
+
+    def walk(folder: Path, depth: int) -> None:
+        try:
+            names = {e.name: e for e in os.scandir(folder)}
+        except OSError:
+            return
+        if STATUS_FILE in names or any(n in names and names[n].is_dir() for n in SEG_NAMES):
+            found.append(folder)
+            return
+        if depth >= MAX_DEPTH:
+            return
+        for name, entry in sorted(names.items()):
+            if name.startswith(".") or name.endswith(".zarr") or not entry.is_dir(follow_symlinks=False):
+                continue
+            walk(Path(entry.path), depth + 1)
+
+    walk(root, 0)
+    return found
+
+
+def ledger_progress(seg: Path) -> dict[str, Any] | None:
+    """Blocks done / total, voxels and completeness of a segmentation, from its ledger."""
+    import zarr
+
+    from pipeline.ledger import Ledger
+
+    try:
+        group = zarr.open_group(str(seg), mode="r")
+        attrs: dict[str, Any] = dict(group.attrs.get("studios", {}))  # type: ignore[arg-type]
+        shape = tuple(int(s) for s in group["0"].shape)  # type: ignore[union-attr]
+        mask = Ledger(group).done_mask()
+    except Exception as exc:  # being created, or not a studios segmentation
+        logger.debug("%s: ledger not readable: %s", seg, exc)
+        return None
+    done = int((mask > 0).sum())
+    total = int(mask.size)
+    voxels_total = math.prod(shape)
+    lock = read_json(seg.with_name(seg.name + ".lock"))
+    return {
+        "complete": bool(attrs.get("complete", False)),
+        "done": done,
+        "total": total,
+        "shape": list(shape),
+        "voxels_total": voxels_total,
+        "voxels_done": int(voxels_total * done / total) if total else 0,
+        "classes": list(attrs.get("classes", [])),
+        "run": attrs.get("run") or {},
+        "lock": lock,
+    }
+
+
+def _qc(folder: Path, status: Mapping[str, Any]) -> tuple[dict[str, Any] | None, Path | None]:
+    places = [Path(p) for p in ((status.get("outputs") or {}).get("qc_json"),) if p]
+    places += [folder / p for p in QC_PLACES]
+    for p in places:
+        data = read_json(p)
+        if data is not None:
+            return data, p
+    return None, None
+
+
+def _report(folder: Path, status: Mapping[str, Any], qc_path: Path | None) -> Path | None:
+    places = [Path(p) for p in ((status.get("outputs") or {}).get("report"),) if p]
+    if qc_path is not None:
+        places.append(qc_path.with_name("report.html"))
+    places += [folder / "qc" / "report.html"]
+    return next((p for p in places if p.is_file()), None)
+
+
+def scan_info(folder: Path, root: Path, *, now: float | None = None) -> dict[str, Any]:
+    """Everything the page shows about one scan folder."""
+    now = time.time() if now is None else now
+    status = read_json(folder / STATUS_FILE) or {}
+    seg = Path((status.get("outputs") or {}).get("segmentation") or folder / "seg.zarr")
+    ledger = ledger_progress(seg) if seg.exists() else None
+    state = str(status.get("state") or "")
+    error = status.get("error")
+    if not state:
+        state = "queued" if ledger is None else "done" if ledger["complete"] else "running"
+    if state == "running" and ledger is not None and ledger["lock"]:
+        lock = ledger["lock"]
+        if lock.get("host") == os.uname().nodename and not _pid_alive(int(lock.get("pid") or 0)):
+            state, error = "failed", f"the run writing {seg.name} died (stale lock); rerun to resume"
+    progress: dict[str, Any] = {}
+    live = status.get("progress") or {}
+    if ledger is not None:
+        progress = {"done": ledger["done"], "total": ledger["total"],
+                    "percent": round(100.0 * ledger["done"] / ledger["total"], 1) if ledger["total"] else 100.0}
+        if state == "running" and ledger["done"] < ledger["total"]:
+            rate = live.get("voxels_per_second") if live.get("stage") == "segment" else None
+            if not rate:
+                started = _parse_time((ledger["lock"] or {}).get("started")) or _parse_time(status.get("started"))
+                elapsed = now - started if started else 0
+                rate = ledger["voxels_done"] / elapsed if elapsed > 0 and ledger["voxels_done"] else None
+            if rate:
+                progress["voxels_per_second"] = float(rate)
+                progress["eta_seconds"] = (ledger["voxels_total"] - ledger["voxels_done"]) / float(rate)
+    elif live and state == "running":
+        progress = {"done": live.get("done", 0), "total": live.get("total", 0), "stage": live.get("stage"),
+                    "percent": round(100.0 * live["done"] / live["total"], 1) if live.get("total") else 0.0}
+        if live.get("voxels_per_second"):
+            progress["voxels_per_second"] = float(live["voxels_per_second"])
+        if live.get("eta_seconds"):
+            progress["eta_seconds"] = float(live["eta_seconds"])
+    qc, qc_path = _qc(folder, status)
+    fractions: dict[str, float] = {}
+    if qc and isinstance(qc.get("classes"), list):
+        fractions = {str(c.get("name")): float(c.get("fraction") or 0.0) for c in qc["classes"] if isinstance(c, dict)}
+    elif ledger and ledger["run"].get("class_fractions"):
+        fractions = {str(k): float(v) for k, v in ledger["run"]["class_fractions"].items()}
+    elif (status.get("qc") or {}).get("class_fractions"):
+        fractions = {str(k): float(v) for k, v in status["qc"]["class_fractions"].items()}
+    warnings = [str(w) for w in ((qc or {}).get("warnings") or (status.get("qc") or {}).get("warnings") or [])]
+    report = _report(folder, status, qc_path)
+    rel = folder.relative_to(root).as_posix() if folder != root else "."
+    return {
+        "name": str(status.get("name") or folder.name),
+        "folder": rel,
+        "state": state,
+        "stage": status.get("stage"),
+        "source": status.get("source"),
+        "error": error,
+        "progress": progress,
+        "class_fractions": fractions,
+        "qc_status": (qc or {}).get("status"),
+        "seam_check": ((qc or {}).get("seam_check") or {}).get("status"),
+        "warnings": warnings,
+        "report": _file_url(report, root),
+        "flow_run_id": status.get("flow_run_id"),
+        "flow_run_url": status.get("flow_run_url"),
+        "dask_dashboard": status.get("dask_dashboard") if state == "running" else None,
+        "started": status.get("started") or ((ledger or {}).get("lock") or {}).get("started"),
+        "finished": status.get("finished") or (ledger["run"].get("finished") if ledger else None),
+        "updated": status.get("updated"),
+    }
+
+
+def _file_url(path: Path | None, root: Path) -> str | None:
+    if path is None:
+        return None
+    try:
+        rel = path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return None
+    return "/files/" + quote(rel.as_posix())
+
+
+def waiting_scans(root: Path, known: set[str]) -> list[dict[str, Any]]:
+    """Incoming scans the watcher has seen but not started (not complete yet)."""
+    state = read_json(root / ".studios-watch" / "state.json") or {}
+    out: list[dict[str, Any]] = []
+    for name, look in (state.get("seen") or {}).items():
+        rec = (state.get("scans") or {}).get(name) or {}
+        if name in known or rec.get("state") in ("done", "queued", "running"):
+            continue
+        out.append({"name": str(name), "folder": None, "state": "waiting", "stage": None, "source": None,
+                    "error": rec.get("error"), "progress": {}, "class_fractions": {}, "warnings": [],
+                    "report": None, "flow_run_id": None, "flow_run_url": None, "dask_dashboard": None,
+                    "started": None, "finished": None, "updated": None, "qc_status": None, "seam_check": None,
+                    "detail": f"{look.get('files', 0)} files, {look.get('bytes', 0)} bytes; waiting to be complete"})
+    return out
+
+
+class PrefectLinks:
+    """Flow-run URLs and states from the Prefect API, when one is configured and reachable."""
+
+    def __init__(self, api_url: str | None, ui_url: str | None, *, ttl: float = 5.0) -> None:
+        self.api_url = api_url.rstrip("/") if api_url else None
+        if ui_url is None and self.api_url and self.api_url.endswith("/api"):
+            ui_url = self.api_url[: -len("/api")]
+        self.ui_url = ui_url.rstrip("/") if ui_url else None
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, str | None]] = {}
+        self._down_until = 0.0
+
+    def url(self, run_id: str | None, known: str | None) -> str | None:
+        if known:
+            return known
+        if run_id and self.ui_url:
+            return f"{self.ui_url}/runs/flow-run/{quote(str(run_id))}"
+        return None
+
+    def state(self, run_id: str | None) -> str | None:
+        if not run_id or not self.api_url or time.time() < self._down_until:
+            return None
+        hit = self._cache.get(run_id)
+        if hit and time.time() - hit[0] < self.ttl:
+            return hit[1]
+        import httpx
+
+        try:
+            r = httpx.get(f"{self.api_url}/flow_runs/{quote(str(run_id))}", timeout=1.0)
+            name = r.json().get("state", {}).get("name") if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            self._down_until = time.time() + 30  # unreachable: do not slow every page down
+            return None
+        self._cache[run_id] = (time.time(), name)
+        return name
+
+
+def collect(root: Path, links: PrefectLinks) -> list[dict[str, Any]]:
+    scans = [scan_info(f, root) for f in find_scan_folders(root)]
+    for s in scans:
+        url = links.url(s["flow_run_id"], s["flow_run_url"])
+        s["flow_run_url"] = url if url and safe_url(url) != "#" else None
+        if s["dask_dashboard"] and safe_url(s["dask_dashboard"]) == "#":
+            s["dask_dashboard"] = None
+        s["prefect_state"] = links.state(s["flow_run_id"])
+    scans += waiting_scans(root, {s["name"] for s in scans} | {Path(s["folder"]).name for s in scans if s["folder"]})
+    scans.sort(key=lambda s: (STATE_ORDER.get(s["state"], 9), s["name"]))
+    return scans
+
+
+def _fmt_seconds(value: Any) -> str:
+    if value is None:
+        return ""
+    seconds = int(round(float(value)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def create_app(root: str | os.PathLike[str], *, refresh: int = 5, prefect_api: str | None = None,
+               prefect_ui: str | None = None) -> Any:
+    """The FastAPI application for ``root``."""
+    import jinja2
+    from fastapi import FastAPI, HTTPException
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+
+    root_path = Path(root).expanduser().resolve()
+    if not root_path.is_dir():
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"{root_path}: dashboard root folder does not exist; give --root DIR")
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters["seconds"] = _fmt_seconds
+    env.filters["pct"] = lambda v: f"{100 * float(v):.1f} %"
+    env.filters["mvox"] = lambda v: f"{float(v) / 1e6:.2f} Mvox/s"
+    env.filters["safe_url"] = safe_url
+    template = env.get_template("dashboard.html")
+    links = PrefectLinks(prefect_api if prefect_api is not None else os.environ.get("PREFECT_API_URL"),
+                         prefect_ui if prefect_ui is not None else os.environ.get("PREFECT_UI_URL"))
+    lock = threading.Lock()
+    cache: dict[str, Any] = {"t": 0.0, "scans": []}
+
+    def scans() -> list[dict[str, Any]]:
+        with lock:  # one scan of the root per second, whatever the number of open pages
+            if time.time() - cache["t"] > 1.0:
+                cache["scans"] = collect(root_path, links)
+                cache["t"] = time.time()
+            return list(cache["scans"])
+
+    app = FastAPI(title="studios dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> HTMLResponse:
+        items = scans()
+        counts = {s: sum(1 for x in items if x["state"] == s) for s in STATE_ORDER}
+        html = template.render(scans=items, counts=counts, root=str(root_path), refresh=refresh,
+                               generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+                               prefect_ui=links.ui_url)
+        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/scans")
+    def api_scans() -> JSONResponse:
+        return JSONResponse({"root": str(root_path), "scans": json.loads(json.dumps(scans(), default=str))})
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    def healthz() -> str:
+        return "ok"
+
+    @app.get("/files/{path:path}")
+    def files(path: str) -> FileResponse:
+        target = safe_path(root_path, path)
+        if target is None:
+            raise HTTPException(status_code=404, detail="not found")
+        return FileResponse(target)
+
+    return app
+
+
+def safe_url(url: Any) -> str:
+    """Only http(s) links and this dashboard's own /files/ links; anything else becomes ``#``."""
+    text = str(url or "")
+    if text.startswith(("http://", "https://", "/files/")) and not any(c in text for c in "\"'<> \n"):
+        return text
+    return "#"
+
+
+def safe_path(root: Path, path: str) -> Path | None:
+    """``root/path`` if it is a regular file inside ``root`` (symlinks resolved), else None."""
+    if not path or "\x00" in path or "\\" in path:
+        return None
+    rel = PurePosixPath(path)
+    if rel.is_absolute() or any(part in ("..", "") for part in path.split("/")) or path.startswith("~"):
+        return None
+    target = (root / rel).resolve()
+    try:
+        target.relative_to(root)
+    except ValueError:
+        return None
+    return target if target.is_file() else None
+
+
+def run(root: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8765, refresh: int = 5,
+        prefect_ui: str | None = None) -> None:
+    """Serve the dashboard until interrupted."""
+    import uvicorn
+
+    app = create_app(root, refresh=refresh, prefect_ui=prefect_ui)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("the dashboard has no authentication and is now reachable on %s:%d", host, port)
+    print(f"studios dashboard for {Path(root).resolve()} on http://{host}:{port}/", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
