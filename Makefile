@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/studios demo --output demo-output
+	DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/studios run configs/demo.yaml --output demo-output
 
 test: $(STAMP)
 	$(PY) -m pytest -q

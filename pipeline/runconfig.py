@@ -367,9 +367,13 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
     if model is not None and model.bundle is not None:
         model = dataclasses.replace(model, bundle=model.bundle.expanduser().absolute())
     if model is not None and model.train is not None:
-        model = dataclasses.replace(
-            model, train=dataclasses.replace(model.train, annotations=model.train.annotations.expanduser().absolute())
+        ann = str(model.train.annotations)
+        annotations = (
+            Path(resolve_source(ann, "model.train.annotations"))
+            if ann.startswith(BUNDLED_PREFIX)
+            else model.train.annotations.expanduser().absolute()
         )
+        model = dataclasses.replace(model, train=dataclasses.replace(model.train, annotations=annotations))
     segment = cfg.segment
     if segment.mask is not None:
         segment = dataclasses.replace(segment, mask=segment.mask.expanduser().absolute())

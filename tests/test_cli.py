@@ -104,7 +104,7 @@ def test_end_to_end_real_tomogram_block_sizes_identical(tmp_path):
 
 
 def test_demo_runs_from_any_directory(tmp_path):
-    proc = studios("demo", "--output", tmp_path / "demo", cwd=tmp_path)
+    proc = studios("demo", "--output", tmp_path / "demo", "--epochs", "1", cwd=tmp_path)
     assert "studios demo finished" in proc.stdout
     assert (tmp_path / "demo" / "summary.json").exists()
     assert zarr.open_group(str(tmp_path / "demo" / "seg.zarr"), mode="r").attrs["studios"]["complete"] is True
