@@ -151,7 +151,8 @@ def test_profiles_in_configs_are_valid(tmp_path: Path) -> None:
     from pipeline.runconfig import ClusterOptions, load_run_config
 
     demo = load_run_config(ROOT / "configs" / "demo.yaml")  # files checked: the bundled scan exists
-    assert Path(demo.source or "").is_file() and demo.model is not None and demo.model.kind == "init"
+    assert Path(demo.source or "").is_file() and demo.model is not None and demo.model.kind == "train"
+    assert demo.model.train is not None and demo.model.train.annotations.is_file()  # bundled: resolved
     for name in ("laptop", "gpu-node", "beamline"):
         cfg = load_run_config(ROOT / "configs" / f"{name}.yaml", require_source=False, check_files=False)
         assert cfg.model is not None
