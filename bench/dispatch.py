@@ -1,0 +1,99 @@
+"""Planning and dispatch of many blocks: seconds to plan, scheduler overhead per block.
+
+    .venv/bin/python bench/dispatch.py [--plan-volume 4096 4096 4096] [--plan-block 64]
+                                       [--tasks 20000] [--in-flight 0 64 512] [--workers 1] [--threads 1]
+
+1. **Planning** (no data): :func:`pipeline.tiling.plan_blocks` (a list) and
+   :func:`pipeline.tiling.iter_blocks` (lazy) over a virtual volume, by default 4096^3 in
+   blocks of 64 (262,144 blocks), with the default model's halo and 64^3 chunks; also the
+   memory the list of blocks takes (growth of this process's RSS while planning).
+2. **Dispatch**: :class:`pipeline.executors.DaskExecutor` (what ``segment()`` uses) over a
+   LocalCluster (default 1 worker x 1 thread) runs a no-op block function on TASKS blocks of
+   that plan: the wall time per block is the scheduler's overhead per block (submit, schedule,
+   run an empty task, report, release), since the block itself does nothing. One row per
+   ``max_in_flight`` (0 = the executor's default, 4 x worker threads, at least 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+
+def noop(job: Any, block: Any) -> dict[str, Any]:
+    """The block function: does nothing, returns what a real block returns (a small dict)."""
+    return {"id": block.id, "index": block.index, "skipped": True, "voxels": 0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plan-volume", type=int, nargs=3, default=[4096, 4096, 4096])
+    ap.add_argument("--plan-block", type=int, default=64)
+    ap.add_argument("--tasks", type=int, default=20000, help="blocks dispatched per row")
+    ap.add_argument("--in-flight", type=int, nargs="+", default=[0, 64, 512],
+                    help="DaskExecutor max_in_flight values (0: its default)")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    from pipeline.blockwork import SegmentJob
+    from pipeline.cluster import ClusterSpec, open_client
+    from pipeline.executors import DaskExecutor
+    from pipeline.tiling import iter_blocks, plan_blocks
+
+    halo = _common.bundle().halo
+    volume = tuple(args.plan_volume)
+    block = (args.plan_block,) * 3
+    chunks = tuple(min(args.plan_block, 128) for _ in range(3))
+    print(_common.machine_facts({"cluster": f"LocalCluster {args.workers} worker(s) x {args.threads} thread(s)"}))
+
+    import psutil
+
+    rss0 = psutil.Process().memory_info().rss
+    t = time.perf_counter()
+    blocks = plan_blocks(volume, block, halo, chunk_shape=chunks)
+    t_plan = time.perf_counter() - t
+    plan_bytes = psutil.Process().memory_info().rss - rss0
+    t = time.perf_counter()
+    n_lazy = sum(1 for _ in iter_blocks(volume, block, halo, chunk_shape=chunks))
+    t_iter = time.perf_counter() - t
+    n = len(blocks)
+    assert n_lazy == n
+    print(f"\nplanning {'x'.join(map(str, volume))} in blocks of {args.plan_block}^3, halo {halo}: {n} blocks")
+    print(_common.table(["what", "blocks", "seconds", "us/block", "memory"], [
+        ["plan_blocks (list)", n, f"{t_plan:.3f}", f"{1e6 * t_plan / n:.2f}", _common.mib(plan_bytes)],
+        ["iter_blocks (lazy, consumed)", n, f"{t_iter:.3f}", f"{1e6 * t_iter / n:.2f}", "O(1)"],
+    ]))
+    print(_common.load_line(), flush=True)
+
+    job = SegmentJob(scan="/nonexistent/scan.zarr", output="/nonexistent/out.zarr", model="/nonexistent/model",
+                     fingerprint="0" * 64, classes=2, offset=0.0, scale=1.0)
+    todo = list(itertools.islice(blocks, args.tasks))
+    del blocks
+    rows = []
+    spec = ClusterSpec(workers=args.workers, threads_per_worker=args.threads)
+    with open_client(spec) as client:
+        DaskExecutor(client).run(noop, job, todo[:200])  # warm-up: the function reaches the workers
+        for in_flight in args.in_flight:
+            ex = DaskExecutor(client, max_in_flight=in_flight or None)
+            t = time.perf_counter()
+            outcome = ex.run(noop, job, todo)
+            wall = time.perf_counter() - t
+            assert len(outcome.results) == len(todo) and not outcome.failed, outcome.failed
+            label = f"{in_flight}" if in_flight else f"default ({ex._capacity()})"
+            rows.append([label, len(todo), f"{wall:.1f}", f"{1e3 * wall / len(todo):.2f}", f"{len(todo) / wall:.0f}"])
+            print(f"in flight {label}: {wall:.1f}s; {_common.load_line()}", flush=True)
+    print(f"\nDaskExecutor, no-op block function, {len(todo)} blocks per row:")
+    print(_common.table(["max_in_flight", "blocks", "wall s", "ms/block", "blocks/s"], rows))
+    print(_common.load_line())
+
+
+if __name__ == "__main__":
+    main()
