@@ -59,8 +59,8 @@ class DilatedResNet(StridefreeModel):
         self.dilations = tuple(int(d) for d in dilations)
         self.head_width = int(head)
         self.residual = bool(residual)
-        self.stem = nn.Conv3d(in_channels, channels, 3)
-        self.blocks = nn.ModuleList(nn.Conv3d(channels, channels, 3, dilation=d) for d in self.dilations)
+        self.stem = self.conv(in_channels, channels, 1)
+        self.blocks = nn.ModuleList(self.conv(channels, channels, d) for d in self.dilations)
         if self.head_width:
             self.head = nn.Sequential(
                 nn.Conv3d(channels, self.head_width, 1), nn.ReLU(), nn.Conv3d(self.head_width, classes, 1)
@@ -68,6 +68,10 @@ class DilatedResNet(StridefreeModel):
         else:
             self.head = nn.Sequential(nn.Conv3d(channels, classes, 1))
         self.act = nn.ReLU()
+
+    def conv(self, in_channels: int, out_channels: int, dilation: int) -> nn.Module:
+        """The 3x3x3 valid convolution of the stem and blocks (subclasses tie its weights)."""
+        return nn.Conv3d(in_channels, out_channels, 3, dilation=dilation)
 
     @property
     def halo(self) -> int:

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.base import StridefreeModel, center_crop
+from pipeline.models.dilated import DilatedResNet
 
 #: Number of orbits of the 27 taps of a 3x3x3 kernel under the 48 cube symmetries.
 N_ORBITS = 4
@@ -87,16 +86,12 @@ class InvariantConv3d(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, dilation={self.dilation}, orbits={N_ORBITS}"
 
 
-class RotInvDilatedNet(StridefreeModel):
+class RotInvDilatedNet(DilatedResNet):
     """Stride-free dilated residual network, equivariant to the 48 cube symmetries.
 
-    Args:
-        in_channels: input channels (1 for a tomogram).
-        classes: K, number of output classes.
-        channels: feature width C.
-        dilations: one residual invariant 3x3x3 block per entry, with that dilation.
-        head: hidden width of the per-voxel head (0 for a single 1x1x1 layer).
-        residual: add the (cropped) input of each block to its output.
+    The topology of :class:`~pipeline.models.dilated.DilatedResNet` with every 3x3x3 kernel
+    an :class:`InvariantConv3d`. Args as for ``DilatedResNet``; the default dilations are
+    ``(1, 2, 4, 1)``.
     """
 
     arch = "rotinv_dilated"
@@ -111,50 +106,15 @@ class RotInvDilatedNet(StridefreeModel):
         head: int = 16,
         residual: bool = True,
     ) -> None:
-        super().__init__(in_channels=in_channels, classes=classes)
-        if channels < 1 or any(int(d) < 1 for d in dilations):
-            raise ValueError("channels and dilations must be >= 1")
-        self.channels = int(channels)
-        self.dilations = tuple(int(d) for d in dilations)
-        self.head_width = int(head)
-        self.residual = bool(residual)
-        self.stem = InvariantConv3d(self.in_channels, self.channels)
-        self.blocks = nn.ModuleList(InvariantConv3d(self.channels, self.channels, d) for d in self.dilations)
-        if self.head_width:
-            self.head = nn.Sequential(
-                nn.Conv3d(self.channels, self.head_width, 1), nn.ReLU(), nn.Conv3d(self.head_width, self.classes, 1)
-            )
-        else:
-            self.head = nn.Sequential(nn.Conv3d(self.channels, self.classes, 1))
-        self.act = nn.ReLU()
+        super().__init__(
+            in_channels=in_channels, classes=classes, channels=channels, dilations=dilations, head=head,
+            residual=residual,
+        )
 
-    @property
-    def halo(self) -> int:
-        return 1 + sum(self.dilations)
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "in_channels": self.in_channels,
-            "classes": self.classes,
-            "channels": self.channels,
-            "dilations": list(self.dilations),
-            "head": self.head_width,
-            "residual": self.residual,
-        }
+    def conv(self, in_channels: int, out_channels: int, dilation: int) -> nn.Module:
+        return InvariantConv3d(in_channels, out_channels, dilation)
 
     def flops_per_voxel(self) -> int:
         """Head convolutions (counted by the base class) plus the dense gathered 3x3x3 kernels."""
         tied = sum(m.flops_per_voxel() for m in self.modules() if isinstance(m, InvariantConv3d))
         return super().flops_per_voxel() + tied
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, C_in, Z, Y, X)`` -> ``(N, C, Z-2h, Y-2h, X-2h)`` features before the head."""
-        x = self.act(self.stem(x))
-        for conv, d in zip(self.blocks, self.dilations, strict=True):
-            y = self.act(conv(x))
-            x = y + center_crop(x, d) if self.residual else y
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, C_in, Z, Y, X)`` float32 -> ``(N, K, Z-2h, Y-2h, X-2h)`` logits."""
-        return self.head(self.features(x))
