@@ -81,7 +81,8 @@ def _set_threads(job: SegmentJob) -> None:
 def _open(job: SegmentJob) -> tuple[zarr.Array, zarr.Group]:
     scan = zarr.open_group(job.scan, mode="r")["0"]
     out = zarr.open_group(job.output, mode="r+")
-    assert isinstance(scan, zarr.Array)
+    if not isinstance(scan, zarr.Array):
+        raise StorageError(f"{job.scan}: '0' is not an array; re-ingest the scan")
     return scan, out
 
 

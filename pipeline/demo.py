@@ -18,12 +18,12 @@ import numpy as np
 
 from pipeline.bundle import load_bundle
 from pipeline.cluster import ClusterSpec
-from pipeline.ingest import ingest
 from pipeline.inference import predict_volume, to_labels
+from pipeline.ingest import ingest
 from pipeline.progress import TerminalReporter
 from pipeline.segment import segment
-from pipeline.train import train
 from pipeline.store import open_image
+from pipeline.train import train
 
 logger = logging.getLogger(__name__)
 

@@ -58,7 +58,8 @@ class Ledger:
     def __init__(self, group: zarr.Group) -> None:
         self.group = group
         ledger = group["ledger"]
-        assert isinstance(ledger, zarr.Group)
+        if not isinstance(ledger, zarr.Group):
+            raise LedgerMismatchError(f"{group.store}: 'ledger' is not a group; pass --overwrite to start again")
         self.done_array = ledger["done"]
         self.stats_array = ledger["stats"]
         self.names: tuple[str, ...] = tuple(ledger.attrs["fields"])  # type: ignore[arg-type]

@@ -951,7 +951,8 @@ def _component_stats(label: int, volumes: np.ndarray, touches: np.ndarray, class
 
 def _truth_metrics(acc: _Accumulated, classes: Sequence[str], truth: Any) -> dict[str, Any]:
     conf = acc.confusion
-    assert conf is not None
+    if conf is None:
+        raise InputError("truth metrics were requested but no truth was accumulated; pass --truth")
     k = len(classes)
     m = conf[1:, 1:].astype(np.float64)  # truth 1..K x prediction 1..K
     n = m.sum()

@@ -103,7 +103,8 @@ class TiffStack:
                     f"{f}: slice is {shape} {dtype.name} but {self.files[0].name} is {first[0]} {first[1].name}; "
                     "all slices must share shape and type"
                 )
-        assert first is not None
+        if first is None:  # unreachable: self.files is non-empty
+            raise InputError(f"{self.path}: contains no readable slices; point to the folder holding the slices")
         self.dtype = _check_dtype(first[1], self.path)
         self.shape = _check_shape((len(self.files), *first[0]), self.path)
 

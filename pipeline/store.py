@@ -116,6 +116,13 @@ def downsample(data: np.ndarray[Any, Any], *, method: str) -> np.ndarray[Any, An
     return out.astype(data.dtype)
 
 
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise StorageError(f"{group.store}: {name!r} is not an array; rewrite the output with --overwrite")
+    return node
+
+
 def build_pyramid(
     group: zarr.Group, *, method: str, min_size: int = 32, max_levels: int = 5, base: str = "0"
 ) -> int:
@@ -123,14 +130,12 @@ def build_pyramid(
 
     Returns the number of levels including level 0. Memory: two slabs of the source level.
     """
-    source = group[base]
-    assert isinstance(source, zarr.Array)
+    source = _array(group, base)
     levels = 1
     prefix = base[:-1] if base.endswith("0") else ""
     spatial = source.shape[-3:]
     while levels < max_levels and min(s // 2 ** levels for s in spatial) >= min_size:
-        src = group[f"{prefix}{levels - 1}"]
-        assert isinstance(src, zarr.Array)
+        src = _array(group, f"{prefix}{levels - 1}")
         shape = (*src.shape[:-3], *(-(-s // 2) for s in src.shape[-3:]))
         dst = create_array(
             group,
