@@ -126,6 +126,7 @@ from pipeline import __version__
 from pipeline.errors import InputError, ModelError, StorageError
 from pipeline.geometry import Box
 from pipeline.ledger import CONF_BINS, Ledger
+from pipeline.metrics import scores
 from pipeline.progress import NullReporter, Reporter
 from pipeline.store import Image, open_image
 from pipeline.tiling import Block, grid_shape, iter_blocks
@@ -954,27 +955,11 @@ def _truth_metrics(acc: _Accumulated, classes: Sequence[str], truth: Any) -> dic
     if conf is None:
         raise InputError("truth metrics were requested but no truth was accumulated; pass --truth")
     k = len(classes)
-    m = conf[1:, 1:].astype(np.float64)  # truth 1..K x prediction 1..K
-    n = m.sum()
-    per_class = []
-    ious: list[float] = []
-    for c in range(k):
-        tp = m[c, c]
-        fp = m[:, c].sum() - tp
-        fn = m[c, :].sum() - tp
-        dice = _ratio(2 * tp, 2 * tp + fp + fn)
-        per_class.append({"label": c + 1, "name": classes[c], "iou": _ratio(tp, tp + fp + fn), "dice": dice,
-                          "f1": dice, "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
-                          "support": int(m[c, :].sum())})
-        if tp + fp + fn:
-            ious.append(float(tp / (tp + fp + fn)))
-    po = _ratio(float(np.trace(m)), n)
-    pe = float((m.sum(axis=0) * m.sum(axis=1)).sum() / (n * n)) if n else None
-    kappa = None if po is None or pe is None or pe >= 1.0 else (po - pe) / (1.0 - pe)
+    summary = scores(conf[1:, 1:], classes)  # truth 1..K x prediction 1..K
     return {
-        "path": str(truth), "compared_voxels": int(n), "ignored_voxels": int(acc.ignored),
-        "not_computed_voxels": int(conf[1:, 0].sum()), "per_class": per_class,
-        "mean_iou": float(np.mean(ious)) if ious else None, "accuracy": po, "kappa": kappa,
+        "path": str(truth), "compared_voxels": summary["voxels"], "ignored_voxels": int(acc.ignored),
+        "not_computed_voxels": int(conf[1:, 0].sum()), "per_class": summary["per_class"],
+        "mean_iou": summary["mean_iou"], "accuracy": summary["accuracy"], "kappa": summary["kappa"],
         "confusion": {"labels": list(range(1, k + 1)), "matrix": conf[1:, 1:].tolist()},
     }
 
