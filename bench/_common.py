@@ -208,22 +208,20 @@ def retain_heap() -> bool:
     return libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1
 
 
-#: Environment for worker processes that makes them keep freed memory (set before they start).
-RETAIN_HEAP_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+def set_malloc(mode: str) -> tuple[str, str]:
+    """Allocator for a benchmark: ``retain`` (studios' default ``worker_heap``) or ``glibc``.
 
+    Returns ``(worker_heap, description)``: pass ``worker_heap`` to every ``ClusterSpec`` the
+    benchmark starts. With ``retain`` this process (the monolithic reference) also keeps freed
+    memory (:func:`retain_heap`), so both sides run with the same allocator behaviour.
+    """
+    from pipeline.cluster import RETAIN_HEAP_ENV
 
-def set_malloc(mode: str) -> str:
-    """``default``: leave glibc alone. ``retain``: this process keeps freed memory
-    (:func:`retain_heap`) and Dask workers started from now on get :data:`RETAIN_HEAP_ENV`
-    before they spawn (``distributed.nanny.pre-spawn-environ``). Returns a description."""
-    if mode == "default":
-        return "malloc: glibc defaults (workers: dask's MALLOC_TRIM_THRESHOLD_=65536)"
-    import dask
-
-    env = {**dict(dask.config.get("distributed.nanny.pre-spawn-environ", {})), **RETAIN_HEAP_ENV}
-    dask.config.set({"distributed.nanny.pre-spawn-environ": env})
+    if mode == "glibc":
+        return "glibc", "malloc: glibc defaults (workers: dask's MALLOC_TRIM_THRESHOLD_=65536)"
     ok = retain_heap()
-    return f"malloc: retain freed memory (driver mallopt {'applied' if ok else 'FAILED'}; workers {RETAIN_HEAP_ENV})"
+    return "retain", (f"malloc: retain freed memory (driver mallopt {'applied' if ok else 'FAILED'}; "
+                      f"workers worker_heap=retain: {RETAIN_HEAP_ENV})")
 
 
 def gib(n: float) -> str:

@@ -1,6 +1,6 @@
 """One end-to-end run on a large volume: TIFF stack -> ingest -> segment -> QC.
 
-    .venv/bin/python bench/end_to_end.py [--size 1024] [--params JSON] [--keep DIR] [--malloc default|retain]
+    .venv/bin/python bench/end_to_end.py [--size 1024] [--params JSON] [--keep DIR] [--malloc retain|glibc]
 
 A stack of SIZE TIFF slices (SIZE x SIZE uint8: the bundled cement CT tiled, written slice by
 slice, never held whole in memory) is written to a work folder, then the three user-facing
@@ -50,12 +50,13 @@ def main() -> None:
     ap.add_argument("--params", default=None, help="JSON overriding the registry defaults of the model")
     ap.add_argument("--keep", type=Path, default=None, help="work folder (kept); default a temporary folder")
     ap.add_argument("--probabilities", action="store_true")
-    ap.add_argument("--malloc", choices=("default", "retain"), default="default",
-                    help="retain: driver and workers keep freed memory (see bench/flops.py)")
+    ap.add_argument("--malloc", choices=("retain", "glibc"), default="retain",
+                    help="retain (studios' default worker_heap): driver and workers keep freed memory; glibc: its defaults")
     args = ap.parse_args()
-    malloc_note = _common.set_malloc(args.malloc)
+    heap, malloc_note = _common.set_malloc(args.malloc)
 
     from pipeline.bundle import save_bundle
+    from pipeline.cluster import ClusterSpec
     from pipeline.ingest import ingest
     from pipeline.segment import segment
 
@@ -90,7 +91,8 @@ def main() -> None:
 
         stage("ingest (TIFF stack -> OME-Zarr)", lambda: ingest(root / "stack", root / "scan.zarr"))
         seg = stage("segment (LocalCluster, block 256)", lambda: segment(
-            root / "scan.zarr", model_dir, root / "seg.zarr", qc=False, probabilities=args.probabilities))
+            root / "scan.zarr", model_dir, root / "seg.zarr", qc=False, probabilities=args.probabilities,
+            cluster=ClusterSpec(worker_heap=heap)))
         qc = None
         if run_qc is not None:
             seg_dir = root / "seg.zarr"

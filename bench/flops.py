@@ -19,10 +19,11 @@ forward, each timed as the best of ``--reps`` runs on one block of ``--block``^3
 - ``compile+cl``: ``torch.compile`` on the channels-last model;
 - each variant at 1 torch thread and at all cores (``--threads``).
 
-``--malloc retain`` first tells glibc to keep freed memory in the process (``mallopt``:
-no ``mmap`` per large buffer, no trimming; everything here runs on the main thread, which uses
-the main arena). By default every tensor over 32 MiB is a fresh ``mmap`` whose pages fault in
-zeroed, and is unmapped when freed: run both ways to see what that costs.
+``--malloc retain`` (the default, as studios' workers run) first tells glibc to keep freed
+memory in the process (``mallopt``: no ``mmap`` per large buffer, no trimming; everything here
+runs on the main thread, which uses the main arena). With ``--malloc glibc`` every tensor over
+32 MiB is a fresh ``mmap`` whose pages fault in zeroed, and is unmapped when freed: run both
+ways to see what that costs.
 
 Also printed: the largest difference of each variant's logits from ``plain`` (a variant that is
 not within float tolerance is not a candidate).
@@ -104,8 +105,8 @@ def main() -> None:
                     help="torch thread counts (default: 1 and all cores)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     ap.add_argument("--only", nargs="+", default=None, help="run only these variants")
-    ap.add_argument("--malloc", choices=("default", "retain"), default="default",
-                    help="retain: glibc keeps freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)")
+    ap.add_argument("--malloc", choices=("retain", "glibc"), default="retain",
+                    help="retain (studios' default worker_heap): driver and workers keep freed memory; glibc: its defaults")
     ap.add_argument("--sweep", type=int, nargs="+", default=None,
                     help="instead: time pipeline.forward at these block edges (all cores), output Mvox/s")
     args = ap.parse_args()

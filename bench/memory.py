@@ -1,7 +1,7 @@
 """Peak resident memory of a Dask worker while segmenting a small and a large volume.
 
     .venv/bin/python bench/memory.py [--sizes 256 1024] [--block 256] [--params JSON | --default-model]
-                                     [--malloc default|retain]
+                                     [--malloc retain|glibc]
 
 For each size, a fresh LocalCluster (studios' default: 1 worker process x 1 thread, torch
 threads = cores) segments the bundled cement CT tiled to SIZE^3 (uint8, ingested from a tiled
@@ -46,10 +46,10 @@ def main() -> None:
     ap.add_argument("--default-model", action="store_true", help="registry default params (slow at 1024^3)")
     ap.add_argument("--probabilities", action="store_true", help="also write probabilities")
     ap.add_argument("--keep", type=Path, default=None, help="work folder to use (kept); default a temp folder")
-    ap.add_argument("--malloc", choices=("default", "retain"), default="default",
-                    help="retain: workers keep freed memory (see bench/flops.py)")
+    ap.add_argument("--malloc", choices=("retain", "glibc"), default="retain",
+                    help="retain (studios' default worker_heap): driver and workers keep freed memory; glibc: its defaults")
     args = ap.parse_args()
-    malloc_note = _common.set_malloc(args.malloc)
+    heap, malloc_note = _common.set_malloc(args.malloc)
 
     import torch
 
@@ -60,7 +60,7 @@ def main() -> None:
 
     params = None if args.default_model else (args.params or SMALL_PARAMS)
     bundle = _common.bundle(args.arch, params)
-    spec = ClusterSpec()
+    spec = ClusterSpec(worker_heap=heap)
     print(_common.machine_facts({"cluster": f"LocalCluster {spec.workers} worker x {spec.threads_per_worker} thread, "
                                             f"torch threads per block {spec.torch_threads()}", "": malloc_note}))
     print(f"{_common.describe(bundle)}; block {args.block}^3 (chunks {min(args.block, 128)}^3), "

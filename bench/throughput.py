@@ -5,7 +5,7 @@ point: machines are noisy). Usage::
 
     python bench/throughput.py [--size 256] [--blocks 256 128] [--workers 1] [--threads 1]
                                [--torch-threads N] [--arch NAME] [--params JSON] [--no-cold]
-                               [--malloc default|retain] [--exact] [--reps 2]
+                               [--malloc retain|glibc] [--exact] [--reps 2]
 
 The volume is the bundled real cement CT tiled to SIZE^3 (uint8). The model is the default
 architecture with seeded random weights from the registry defaults (speed does not depend on
@@ -61,10 +61,10 @@ def main() -> None:
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-cluster run")
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions of monolithic and warm runs")
     ap.add_argument("--exact", action="store_true", help="segment and reference in exact mode (oneDNN off)")
-    ap.add_argument("--malloc", choices=("default", "retain"), default="default",
-                    help="retain: driver and workers keep freed memory (see bench/flops.py); default: glibc's")
+    ap.add_argument("--malloc", choices=("retain", "glibc"), default="retain",
+                    help="retain (studios' default worker_heap): driver and workers keep freed memory; glibc: its defaults")
     args = ap.parse_args()
-    malloc_note = _common.set_malloc(args.malloc)
+    heap, malloc_note = _common.set_malloc(args.malloc)
 
     from pipeline.bundle import save_bundle
     from pipeline.cluster import ClusterSpec, cpu_count, open_client
@@ -78,7 +78,7 @@ def main() -> None:
     n = volume.size
     bundle = _common.bundle(args.arch, args.params)
     model = bundle.build()
-    spec = ClusterSpec(kind="local", workers=args.workers, threads_per_worker=args.threads)
+    spec = ClusterSpec(kind="local", workers=args.workers, threads_per_worker=args.threads, worker_heap=heap)
     torch_threads = args.torch_threads or spec.torch_threads()
     slots = args.workers * args.threads
     print(_common.machine_facts({

@@ -171,6 +171,46 @@ def validate_slurm_options(options: Mapping[str, Any], where: str = "cluster.slu
         raise ConfigError(f"{where}.walltime: {options['walltime']!r} is not a SLURM time; write e.g. '02:00:00'")
 
 
+#: glibc malloc settings for ``worker_heap: retain``: one arena, no mmap for large blocks, never
+#: trim. A block's tensors (hundreds of MiB) are then reused from the heap instead of being
+#: mmap-ed, page-faulted and unmapped per block (measured in bench/throughput.py --heap).
+RETAIN_HEAP_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+WORKER_HEAPS = ("retain", "glibc")
+
+
+def worker_environ(spec: ClusterSpec) -> dict[str, str]:
+    """Environment a worker process must start with (before Python) for ``spec.worker_heap``."""
+    return dict(RETAIN_HEAP_ENV) if spec.worker_heap == "retain" else {}
+
+
+@contextlib.contextmanager
+def _pre_spawn_environ(spec: ClusterSpec) -> Iterator[None]:
+    """Nannies created inside this block spawn their workers with :func:`worker_environ`.
+
+    ``distributed.nanny.pre-spawn-environ`` is read when a Nanny is created and kept for its
+    restarts, so the setting also holds for workers restarted after a stuck block. A Nanny
+    copies it into this process's ``os.environ`` before spawning; the previous values are put
+    back on exit so that later subprocesses of the driver do not inherit them.
+    """
+    import dask
+
+    extra = worker_environ(spec)
+    if not extra:
+        yield
+        return
+    merged = {**dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}), **extra}
+    saved = {key: os.environ.get(key) for key in merged}
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": merged}):
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     """Where blocks run.
@@ -194,6 +234,11 @@ class ClusterSpec:
             resource on its worker and run blocks on ``cuda``.
         cuda_visible_devices: CUDA only, e.g. ``"0,1"``: the GPUs to start workers on
             (default: all visible ones).
+        worker_heap: ``retain`` (default): worker processes start with glibc settings that keep
+            freed memory for reuse (:data:`RETAIN_HEAP_ENV`), so each block's arrays land in the
+            pages of the last one instead of faulting fresh pages in; a worker's resident size
+            then stays at its peak (one block's working set). ``glibc``: dask's default
+            (memory above 64 KiB is returned to the system at once).
     """
 
     kind: str = "local"
@@ -206,6 +251,7 @@ class ClusterSpec:
     wait_timeout: float = 300.0
     gpus_per_job: int = 0
     cuda_visible_devices: str | None = None
+    worker_heap: str = "retain"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -225,6 +271,9 @@ class ClusterSpec:
         if self.gpus_per_job not in (0, 1):
             raise ConfigError(f"cluster.gpus_per_job: use 0 or 1 (one GPU per job; ask for more jobs instead), "
                               f"got {self.gpus_per_job}")
+        if self.worker_heap not in WORKER_HEAPS:
+            raise ConfigError(f"cluster.worker_heap: {self.worker_heap!r} is unknown; use one of "
+                              f"{', '.join(WORKER_HEAPS)}")
         if self.gpus_per_job and self.slurm_processes() != 1:
             raise ConfigError("cluster.gpus_per_job: a GPU job runs one worker process; set slurm.processes: 1")
 
@@ -375,17 +424,19 @@ def _start_cluster(spec: ClusterSpec) -> Any:
         alloc = allocation_memory()
         if memory == "auto" and alloc:
             memory = alloc // spec.workers
-        return LocalCluster(
-            n_workers=spec.workers,
-            threads_per_worker=spec.threads_per_worker,
-            processes=True,
-            memory_limit=memory,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            silence_logs=logging.WARNING,
-        )
+        with _pre_spawn_environ(spec):
+            return LocalCluster(
+                n_workers=spec.workers,
+                threads_per_worker=spec.threads_per_worker,
+                processes=True,
+                memory_limit=memory,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
+                silence_logs=logging.WARNING,
+            )
     if spec.kind == "cuda":
-        return start_cuda_cluster(spec)
+        with _pre_spawn_environ(spec):
+            return start_cuda_cluster(spec)
     return start_slurm_cluster(spec, job_name=_job_name(spec))
 
 
@@ -626,6 +677,11 @@ def slurm_kwargs(spec: ClusterSpec, *, job_name: str) -> dict[str, Any]:
     if spec.gpus_per_job and not any(d.startswith(("--gres", "--gpus")) for d in directives):
         directives.append(f"--gres=gpu:{spec.gpus_per_job}")
     kwargs["job_extra_directives"] = directives
+    prologue = [str(line) for line in kwargs.get("job_script_prologue") or
+                dask.config.get("jobqueue.slurm.job-script-prologue", None) or []]
+    prologue += [f"export {k}={v}" for k, v in worker_environ(spec).items()
+                 if not any(line.startswith(f"export {k}=") for line in prologue)]
+    kwargs["job_script_prologue"] = prologue
     if spec.gpus_per_job:
         extra = [str(a) for a in kwargs.get("worker_extra_args") or []]
         if "--resources" not in extra:

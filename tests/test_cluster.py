@@ -286,6 +286,42 @@ def test_segment_picks_cuda_and_gpu_block_for_a_cuda_cluster(monkeypatch, tmp_pa
     assert manifest["block"] == [24, 24, 32] and manifest["precision"] == "bf16"
 
 
+def _start_environ() -> bytes:
+    with open("/proc/self/environ", "rb") as f:  # the environment the process was started with
+        return f.read()
+
+
+@pytest.mark.parametrize("heap", ["retain", "glibc"])
+def test_local_workers_start_with_the_heap_settings(heap):
+    """glibc reads MALLOC_* once at process start: the worker's *initial* environment must hold them."""
+    spec = ClusterSpec(kind="local", workers=1, worker_heap=heap)
+    with cl.open_client(spec) as client:
+        env = next(iter(client.run(_start_environ).values())).split(b"\0")
+    for key, value in cl.RETAIN_HEAP_ENV.items():
+        assert (f"{key}={value}".encode() in env) == (heap == "retain"), (key, heap)
+    import dask
+
+    assert "MALLOC_MMAP_MAX_" not in dask.config.get("distributed.nanny.pre-spawn-environ", {})  # not leaked
+
+
+def test_slurm_workers_export_the_heap_settings():
+    from dask_jobqueue import SLURMCluster
+
+    spec = ClusterSpec(kind="slurm", slurm={"cores": 1, "job_script_prologue": ["module load cuda"]})
+    with SLURMCluster(**cl.slurm_kwargs(spec, job_name="studios-t")) as cluster:
+        script = cluster.job_script()
+    cl.restore_sigint()
+    assert "module load cuda" in script
+    assert script.index("export MALLOC_MMAP_MAX_=0") < script.index("distributed.cli.dask_worker")
+    spec = ClusterSpec(kind="slurm", worker_heap="glibc", slurm={"cores": 1})
+    assert "MALLOC" not in "\n".join(cl.slurm_kwargs(spec, job_name="studios-t")["job_script_prologue"])
+
+
+def test_unknown_worker_heap_is_a_config_error():
+    with pytest.raises(ConfigError, match="worker_heap.*retain, glibc"):
+        ClusterSpec(worker_heap="jemalloc")
+
+
 def test_gpu_resource_keeps_blocks_off_cpu_workers():
     """A real scheduler with one GPU-resource worker and one plain worker."""
     from distributed import Client, Scheduler, SpecCluster, Worker, get_worker
