@@ -13,14 +13,18 @@ CPU-side cost, not the disk):
   Blosc-zstd, global statistics in the same pass, 2 slabs in parallel, the OME-Zarr pyramid);
 - **ingest, no pyramid**: the same without the pyramid levels.
 
-The ratio is ingest MB/s over plain MB/s (best of REPS each).
+The ratio is ingest MB/s over plain MB/s (best of REPS each). Last, one more ingest runs in a
+fresh process to report its peak resident memory against the slab size (128 z-slices): ingest
+holds about (workers + 1) slabs plus bounded temporaries, whatever the volume's depth.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,6 +86,11 @@ def main() -> None:
             times["ingest"].append(run_ingest(True))
             times["ingest, no pyramid"].append(run_ingest(False))
         stored = sum(p.stat().st_size for p in (root / "scan.zarr").rglob("*") if p.is_file())
+        shutil.rmtree(root / "scan.zarr")
+        code = f"import sys; sys.path.insert(0, {str(_common.ROOT)!r}); from pipeline.ingest import ingest; " \
+               f"ingest({str(folder)!r}, {str(root / 'scan.zarr')!r})"
+        subprocess.run([sys.executable, "-c", code], check=True)  # the first child: ru_maxrss is its own
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
     best = {k: min(v) for k, v in times.items()}
     rows = []
@@ -91,6 +100,9 @@ def main() -> None:
     print(_common.table(["reader", "best s", "all runs s", "MiB/s", "ratio to plain"], rows))
     print(f"\nzarr level 0 (no pyramid) on disk: {stored / 2**20:.0f} MiB for {nbytes / 2**20:.0f} MiB raw "
           f"({nbytes / max(stored, 1):.1f}x)")
+    slab = min(128, args.slices) * args.size * args.size * dtype.itemsize
+    print(f"ingest peak resident memory (fresh process, interpreter and imports included): {peak / 2**20:.0f} MiB; "
+          f"one slab (128 slices) = {slab / 2**20:.0f} MiB")
     print(f"ingest / plain tifffile = {best['plain'] / best['ingest']:.2f} (with pyramid), "
           f"{best['plain'] / best['ingest, no pyramid']:.2f} (without)")
     print(_common.load_line())

@@ -21,6 +21,7 @@ from pipeline.errors import InputError
 PERCENTILES = (0.1, 0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5, 99.9)
 HISTOGRAM_BINS = 256
 _FLOAT_SAMPLE_STRIDE = 61  # prime stride: a sample that does not alias with periodic structure
+_PIECE = 1 << 22  # voxels converted at a time by StatsAccumulator.add (32 MiB as int64/float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,21 +92,31 @@ class StatsAccumulator:
             self._shift = -int(np.iinfo(self.dtype).min)
 
     def add(self, slab: np.ndarray[Any, Any]) -> None:
-        """Accumulate a slab (any shape) of the accumulator's dtype."""
+        """Accumulate a slab (any shape) of the accumulator's dtype.
+
+        Works through the slab in pieces of ``_PIECE`` voxels, so the temporary copies (int64
+        for the histogram, float64 for the sums) stay a few tens of MiB whatever the slab size.
+        8/16-bit integers only feed the exact histogram; their sums, minimum and maximum are
+        taken from it in :meth:`result`.
+        """
         if slab.size == 0:
             return
         values = slab.reshape(-1)
         self.count += values.size
-        as64 = values.astype(np.float64, copy=False)
-        self.total += float(as64.sum())
-        self.total_sq += float(np.dot(as64, as64))
+        hist = self._integer_hist
+        if hist is not None:
+            for i in range(0, values.size, _PIECE):
+                part = values[i : i + _PIECE]
+                shifted = part.astype(np.int64) + self._shift if self._shift else part
+                hist += np.bincount(shifted, minlength=hist.size)
+            return
         self.lo = min(self.lo, float(values.min()))
         self.hi = max(self.hi, float(values.max()))
-        if self._integer_hist is not None:
-            shifted = values.astype(np.int64) + self._shift if self._shift else values
-            self._integer_hist += np.bincount(shifted, minlength=self._integer_hist.size)
-        else:
-            self._samples.append(values[::_FLOAT_SAMPLE_STRIDE].astype(np.float64))
+        for i in range(0, values.size, _PIECE):
+            part = values[i : i + _PIECE].astype(np.float64, copy=False)
+            self.total += float(part.sum())
+            self.total_sq += float(np.dot(part, part))
+        self._samples.append(values[::_FLOAT_SAMPLE_STRIDE].astype(np.float64))
 
     def merge(self, other: StatsAccumulator) -> None:
         self.count += other.count
@@ -120,6 +131,13 @@ class StatsAccumulator:
     def result(self) -> IntensityStats:
         if self.count == 0:
             raise InputError("no voxels were read; the input is empty")
+        if self._integer_hist is not None:  # sums and range from the exact histogram
+            present = np.flatnonzero(self._integer_hist)
+            weights = self._integer_hist[present].astype(np.float64)
+            levels = present.astype(np.float64) - self._shift
+            self.total = float(np.dot(weights, levels))
+            self.total_sq = float(np.dot(weights, levels * levels))
+            self.lo, self.hi = float(levels[0]), float(levels[-1])
         mean = self.total / self.count
         var = max(self.total_sq / self.count - mean * mean, 0.0)
         edges = np.linspace(self.lo, self.hi if self.hi > self.lo else self.lo + 1, HISTOGRAM_BINS + 1)

@@ -34,10 +34,15 @@ DEFAULT_CHUNKS = (128, 128, 128)
 AXES = ("z", "y", "x")
 
 
+#: zstd level: 1 compresses tomograms about as well as 3 (the shuffle does most of the work) at
+#: about four times the speed on one core (docs/performance.md, ingest).
+CLEVEL = 1
+
+
 def compressor_for(dtype: np.dtype[Any]) -> BloscCodec:
-    """Blosc-zstd, bit-shuffled for bytes, byte-shuffled for wider types."""
+    """Blosc-zstd level :data:`CLEVEL`, bit-shuffled for bytes, byte-shuffled for wider types."""
     shuffle = "bitshuffle" if np.dtype(dtype).itemsize == 1 else "shuffle"
-    return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
+    return BloscCodec(cname="zstd", clevel=CLEVEL, shuffle=shuffle)
 
 
 def fit_chunks(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:

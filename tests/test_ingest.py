@@ -225,3 +225,25 @@ def test_output_inside_input(tmp_path, rng):
     folder = _tiff_stack(tmp_path / "s", _volume("uint8", rng))
     with pytest.raises(InputError, match="inside the input"):
         ingest(folder, folder / "out.zarr")
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "uint16", "float32"])
+def test_stats_in_pieces_match_numpy(monkeypatch, rng, dtype):
+    """Slabs are accumulated in small pieces (bounded temporaries); the figures do not change."""
+    import pipeline.normalize as normalize
+
+    monkeypatch.setattr(normalize, "_PIECE", 1000)
+    if dtype == "float32":
+        vol = rng.normal(3.0, 2.0, size=(5, 31, 29)).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        vol = rng.integers(info.min, info.max, size=(5, 31, 29), endpoint=True).astype(dtype)
+    s = compute_stats(vol)
+    assert s.count == vol.size
+    assert (s.min, s.max) == (float(vol.min()), float(vol.max()))
+    assert s.mean == pytest.approx(float(vol.astype(np.float64).mean()), rel=1e-12)
+    assert s.std == pytest.approx(float(vol.astype(np.float64).std()), rel=1e-9)
+    if dtype == "float32":  # float histograms are scaled up from a strided sample
+        assert sum(s.histogram) == pytest.approx(vol.size, rel=0.01)
+    else:
+        assert sum(s.histogram) == vol.size
