@@ -119,25 +119,24 @@ from typing import Any
 
 import numpy as np
 import zarr
-from scipy import ndimage, sparse
-from scipy.sparse import csgraph
 
 from pipeline import __version__
-from pipeline.errors import InputError, ModelError, StorageError
+from pipeline.components import BlockComponents, component_stats
+from pipeline.errors import InputError, StorageError
 from pipeline.geometry import Box
 from pipeline.ledger import CONF_BINS, Ledger
 from pipeline.metrics import scores
 from pipeline.progress import NullReporter, Reporter
+from pipeline.qc_warnings import qc_warnings
+from pipeline.seams import seam_check
 from pipeline.store import Image, open_image
-from pipeline.tiling import Block, grid_shape, iter_blocks
+from pipeline.tiling import iter_blocks
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "studios-qc/1"
 AXES = ("z", "y", "x")
 HIST_BINS = 64
-MARGIN = 1e-5  # top-two margin under which a label flip is explained by float rounding
-LOW_PRECISION_TOLERANCE = 2e-2  # the same margin, and the probability tolerance, for bf16/fp16 runs
 _TOP = 5
 
 
@@ -238,12 +237,12 @@ def run_qc(
     timings["pass"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    seam = _seam_check(image, probs, scan_image, manifest, samples=seam_samples, edge=seam_box, device=device)
+    seam = seam_check(image, probs, scan_image, manifest, samples=seam_samples, edge=seam_box, device=device)
     timings["seam_check"] = time.perf_counter() - t
 
     data = _assemble(image, attrs, manifest, ledger, facts, acc, seam, classes, scan_image, truth, qc_block,
                      confidence_threshold)
-    data["warnings"] = notes + _warnings(data, rare_fraction=rare_fraction, drift_threshold=drift_threshold)
+    data["warnings"] = notes + qc_warnings(data, rare_fraction=rare_fraction, drift_threshold=drift_threshold)
     data["timings"] = timings
     out = Path(out_dir) if out_dir is not None else image.path / "qc"
     try:
@@ -444,64 +443,6 @@ _CENTRES = (np.arange(CONF_BINS) + 0.5) / CONF_BINS
 # ----------------------------------------------------------------------------- streaming pass
 
 
-class _Components:
-    """Connected components of one class, labelled per block and merged across block faces."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.shape = shape
-        self.sizes: list[np.ndarray] = []
-        self.border: list[np.ndarray] = []
-        self.edges: list[np.ndarray] = []
-        self.faces: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
-        self.next_id = 0
-
-    def add(self, block: Block, mask: np.ndarray) -> None:
-        """Label ``mask`` (the block's write box, bool) and join its pieces to earlier blocks."""
-        lab, n = ndimage.label(mask)
-        base = self.next_id
-        self.next_id += n
-        if n:
-            self.sizes.append(np.bincount(lab.reshape(-1), minlength=n + 1)[1:].astype(np.int64))
-            flags = np.zeros(n + 1, dtype=bool)
-        for axis in range(3):
-            lo = np.take(lab, 0, axis=axis)
-            hi = np.take(lab, -1, axis=axis)
-            prev_index = tuple(i - (a == axis) for a, i in enumerate(block.index))
-            prev = self.faces.pop((axis, prev_index), None)
-            if n and prev is not None:
-                cur = np.where(lo > 0, lo.astype(np.int64) + (base - 1), -1)
-                both = (prev >= 0) & (cur >= 0)
-                if both.any():
-                    self.edges.append(np.unique(np.stack([prev[both], cur[both]], axis=1), axis=0))
-            if not n:
-                continue
-            if block.write.offset[axis] == 0:
-                flags[lo.reshape(-1)] = True
-            if block.write.end[axis] == self.shape[axis]:
-                flags[hi.reshape(-1)] = True
-            else:
-                self.faces[(axis, tuple(block.index))] = np.where(hi > 0, hi.astype(np.int64) + (base - 1), -1)
-        if n:
-            self.border.append(flags[1:])
-
-    def finish(self) -> tuple[np.ndarray, np.ndarray]:
-        """(volumes, touches_border) of the merged components."""
-        if not self.next_id:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
-        sizes = np.concatenate(self.sizes)
-        border = np.concatenate(self.border)
-        if not self.edges:
-            return sizes, border
-        pairs = np.concatenate(self.edges)
-        graph = sparse.coo_matrix(
-            (np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(self.next_id, self.next_id)
-        )
-        n, comp = csgraph.connected_components(graph, directed=False)
-        volumes = np.bincount(comp, weights=sizes, minlength=n).astype(np.int64)
-        touches = np.bincount(comp, weights=border, minlength=n) > 0
-        return volumes, touches
-
-
 @dataclass
 class _Accumulated:
     profiles: list[np.ndarray]  # per axis (n, K + 1) voxel counts, column 0 = not computed
@@ -534,7 +475,7 @@ def _stream(
 ) -> _Accumulated:
     shape = tuple(labels.shape)
     acc = _Accumulated(profiles=[np.zeros((n, k + 1), dtype=np.int64) for n in shape], components={})
-    trackers = {c: _Components(shape) for c in chosen}
+    trackers = {c: BlockComponents(shape) for c in chosen}
     if probs is not None:
         acc.conf_sum = [np.zeros(n, dtype=np.float64) for n in shape]
         acc.conf_low = [np.zeros(n, dtype=np.float64) for n in shape]
@@ -595,151 +536,6 @@ def _stream(
     acc.conf_total = (csum, clow, cvox)
     acc.components = {c: tr.finish() for c, tr in trackers.items()}
     return acc
-
-
-# ----------------------------------------------------------------------------- seam check
-
-
-def _seam_check(
-    image: Image,
-    probs: zarr.Array | None,
-    scan: Image | None,
-    manifest: Mapping[str, Any],
-    *,
-    samples: int,
-    edge: int,
-    device: str,
-) -> dict[str, Any]:
-    exact = bool(manifest.get("exact", False))
-    precision = str(manifest.get("precision", "fp32"))
-    out: dict[str, Any] = {
-        "status": "skipped", "reason": "", "exact": exact, "precision": precision, "device": device, "box": None,
-        "probability_reference": None,
-        "samples": [], "compared_voxels": 0, "label_differences": None, "unexplained_label_differences": None,
-        "max_abs_probability_difference": None,
-    }
-    shape = image.shape
-    run_block = manifest.get("block")
-    if samples <= 0:
-        out["reason"] = "disabled (seam_samples=0)"
-        return out
-    if not run_block:
-        out["reason"] = "the output records no block shape"
-        return out
-    bshape = tuple(min(int(b), s) for b, s in zip(run_block, shape, strict=True))
-    grid = grid_shape(shape, bshape)
-    if all(g == 1 for g in grid):
-        out["status"], out["reason"] = "not_applicable", "the output is a single block: it has no seams"
-        return out
-    if scan is None:
-        out["reason"] = "the scan is not available"
-        return out
-    from pipeline.bundle import load_bundle
-    from pipeline.inference import forward, numerics, quantize, read_padded, resolve_device, to_labels, top2_margin
-
-    try:
-        bundle = load_bundle(image.path / "model")
-    except ModelError as exc:
-        out["reason"] = f"the model saved in the output cannot be loaded ({exc})"
-        return out
-    if manifest.get("model_fingerprint") not in (None, bundle.fingerprint):
-        out["reason"] = "the model saved in the output differs from the one the run used"
-        return out
-    model = bundle.build().to(resolve_device(device))
-    offset, scale = bundle.normalization.affine(scan.stats)
-    box_shape = tuple(min(b, edge, s) for b, s in zip(bshape, shape, strict=True))
-    centres = [[i * b for i in range(1, g)] if g > 1 else [s // 2] for g, b, s in zip(grid, bshape, shape, strict=True)]
-    n_all = math.prod(len(c) for c in centres)
-    rng = np.random.default_rng(0)
-    picks = sorted(rng.choice(n_all, size=min(samples, n_all), replace=False).tolist())
-    out["box"] = list(box_shape)
-    out["probability_reference"] = "stored" if probs is not None else "recomputed_on_run_grid"
-    volume = tuple(shape)
-
-    extra = {"precision": precision} if precision != "fp32" else {}
-    margin, tolerance = (MARGIN, 1e-4) if precision == "fp32" else (LOW_PRECISION_TOLERANCE,) * 2
-    if exact:
-        tolerance = 0.0
-    elif probs is not None:
-        tolerance = max(tolerance, 1.0 / 255.0)
-
-    def predict(box: Box) -> np.ndarray:
-        blk = Block(index=(0, 0, 0), write=box, read=box.grow(bundle.halo))
-        with numerics(exact=exact):
-            return forward(model, read_padded(scan.array, blk, volume), offset=offset, scale=scale,
-                           device=resolve_device(device), **extra)
-
-    def predict_batch(boxes: Sequence[Box]) -> list[np.ndarray]:
-        """Same as ``predict`` per box; equal-shaped boxes go through the model as one batch.
-
-        Small pieces one by one cost ~5x their voxels in per-call overhead; the batch axis does
-        not change any voxel's arithmetic (each sample is convolved on its own).
-        """
-        import torch
-
-        from pipeline.inference import softmax_channels
-        from pipeline.normalize import apply_affine
-
-        out: dict[Box, np.ndarray] = {}
-        dev = resolve_device(device)
-        for shape_ in sorted({b.shape for b in boxes}):
-            group = [b for b in boxes if b.shape == shape_]
-            raw = [read_padded(scan.array, Block((0, 0, 0), b, b.grow(bundle.halo)), volume) for b in group]
-            x = torch.from_numpy(np.stack([apply_affine(r, offset, scale) for r in raw]))[:, None].to(dev)
-            with numerics(exact=exact):
-                if extra:
-                    from pipeline.inference import autocast
-
-                    with autocast(dev, precision):
-                        logits = model(x).float()
-                else:
-                    logits = model(x)
-                probs_ = softmax_channels(logits).float().cpu().numpy()
-            out.update(zip(group, probs_, strict=True))
-        return [out[b] for b in boxes]
-
-    total_diff = unexplained = compared = 0
-    worst = 0.0
-    for flat in picks:
-        centre = [centres[a][i] for a, i in enumerate(np.unravel_index(flat, [len(c) for c in centres]))]
-        start = tuple(int(min(max(c - e // 2, 0), s - e)) for c, e, s in zip(centre, box_shape, shape, strict=True))
-        box = Box(start, box_shape)
-        p = predict(box)
-        stored = np.asarray(image.array[box.to_slices()])
-        valid = stored > 0
-        differ = valid & (to_labels(p) != stored)
-        n_diff = int(np.count_nonzero(differ))
-        n_unexp = n_diff if exact else int(np.count_nonzero(differ & (top2_margin(p) > margin)))
-        if probs is not None:
-            q = np.asarray(probs[(slice(None), *box.to_slices())]).astype(np.int16)
-            d = np.abs(quantize(p).astype(np.int16) - q).max(axis=0)
-            diff = float(d[valid].max()) / 255.0 if valid.any() else 0.0
-        else:
-            ref = np.empty_like(p)
-            first = [o // b for o, b in zip(box.offset, bshape, strict=True)]
-            last = [(e - 1) // b for e, b in zip(box.end, bshape, strict=True)]
-            pieces = [
-                Box(tuple(i * b for i, b in zip(index, bshape, strict=True)), bshape).intersect(box)
-                for index in itertools.product(*(range(f, l_ + 1) for f, l_ in zip(first, last, strict=True)))
-            ]
-            for piece, piece_probs in zip(pieces, predict_batch(pieces), strict=True):
-                ref[(slice(None), *piece.relative_to(box).to_slices())] = piece_probs
-            d = np.abs(p - ref).max(axis=0)
-            diff = float(d[valid].max()) if valid.any() else 0.0
-        n_valid = int(np.count_nonzero(valid))
-        out["samples"].append({"offset": list(start), "shape": list(box_shape), "compared_voxels": n_valid,
-                               "label_differences": n_diff, "max_abs_probability_difference": diff})
-        total_diff += n_diff
-        unexplained += n_unexp
-        compared += n_valid
-        worst = max(worst, diff)
-    out.update(
-        compared_voxels=compared, label_differences=total_diff, unexplained_label_differences=unexplained,
-        max_abs_probability_difference=worst,
-        status="ok" if unexplained == 0 and worst <= tolerance + 1e-12 else "failed",
-        reason="" if compared else "no computed voxels in the sampled boxes",
-    )
-    return out
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -823,7 +619,7 @@ def _assemble(
         "lowest_slices": _lowest_slices(profiles, acc, shape, manifest.get("block") or shape),
         "lowest_blocks": _lowest_blocks(facts, manifest, shape, threshold),
     }
-    comp_classes = {classes[c - 1]: _component_stats(c, volumes, touches, int(acc.profiles[0][:, c].sum()))
+    comp_classes = {classes[c - 1]: component_stats(c, volumes, touches, int(acc.profiles[0][:, c].sum()))
                     for c, (volumes, touches) in acc.components.items()}
     components = {"connectivity": 6, "block": list(qc_block), "classes": comp_classes}
 
@@ -930,26 +726,6 @@ def _lowest_blocks(facts: Mapping[str, Any], manifest: Mapping[str, Any], shape:
     return out
 
 
-def _component_stats(label: int, volumes: np.ndarray, touches: np.ndarray, class_voxels: int) -> dict[str, Any]:
-    stats: dict[str, Any] = {"label": label, "count": int(len(volumes)), "voxels": int(volumes.sum())}
-    if not len(volumes):
-        stats.update(largest=0, largest_fraction=None, mean=None, single_voxel=0, touching_border=0, top=[],
-                     quantiles={f"p{q}": None for q in (5, 25, 50, 75, 95)}, histogram={"edges": [], "counts": []})
-        return stats
-    top_power = int(np.log2(volumes.max())) + 1
-    edges = [2**i for i in range(top_power + 1)]
-    counts, _ = np.histogram(volumes, bins=edges)
-    q = np.percentile(volumes, [5, 25, 50, 75, 95])
-    stats.update(
-        largest=int(volumes.max()), largest_fraction=_ratio(volumes.max(), class_voxels), mean=float(volumes.mean()),
-        quantiles={f"p{p}": float(v) for p, v in zip((5, 25, 50, 75, 95), q, strict=True)},
-        single_voxel=int(np.count_nonzero(volumes == 1)), touching_border=int(np.count_nonzero(touches)),
-        top=[int(v) for v in np.sort(volumes)[::-1][:_TOP]],
-        histogram={"edges": edges, "counts": counts.astype(np.int64).tolist()},
-    )
-    return stats
-
-
 def _truth_metrics(acc: _Accumulated, classes: Sequence[str], truth: Any) -> dict[str, Any]:
     conf = acc.confusion
     if conf is None:
@@ -962,112 +738,6 @@ def _truth_metrics(acc: _Accumulated, classes: Sequence[str], truth: Any) -> dic
         "mean_iou": summary["mean_iou"], "accuracy": summary["accuracy"], "kappa": summary["kappa"],
         "confusion": {"labels": list(range(1, k + 1)), "matrix": conf[1:, 1:].tolist()},
     }
-
-
-# ----------------------------------------------------------------------------- warnings
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2g} %" if x < 0.01 else f"{100 * x:.1f} %"
-
-
-def _warnings(data: Mapping[str, Any], *, rare_fraction: float, drift_threshold: float) -> list[str]:
-    out: list[str] = []
-    blocks = data["blocks"]
-    if data["status"] != "complete":
-        if blocks["missing"]:
-            ids = ", ".join(blocks["missing_ids"][:5]) + (", ..." if blocks["missing"] > 5 else "")
-            out.append(f"output is incomplete: {blocks['missing']} of {blocks['total']} blocks missing ({ids}); "
-                       "the numbers cover finished blocks only; rerun the same 'studios segment' command to finish")
-        else:
-            out.append("output is incomplete: the run did not finish (not marked complete); "
-                       "rerun the same 'studios segment' command")
-    if blocks["failed"]:
-        out.append(f"{len(blocks['failed'])} blocks failed: " + ", ".join(sorted(blocks["failed"])[:5]))
-    seam = data["seam_check"]
-    if seam["status"] == "failed":
-        out.append(f"seam check failed: {seam['unexplained_label_differences']} labels differ and probabilities differ "
-                   f"by up to {seam['max_abs_probability_difference']:.3g} when blocks are shifted by half a block; "
-                   "stitching is not exact (check the model's halo and normalisation)")
-    for c in data["classes"]:
-        f = c["fraction"]
-        if f is None:
-            continue
-        if f == 0:
-            out.append(f"class {c['label']} ({c['name']}) was never predicted")
-        elif f < rare_fraction:
-            out.append(f"class {c['label']} ({c['name']}) covers {_pct(f)} of the volume")
-    conf = data["confidence"]
-    if conf["low_fraction"] is not None and conf["low_fraction"] > 0.2:
-        out.append(f"{_pct(conf['low_fraction'])} of voxels have confidence below {conf['threshold']:g}; "
-                   "annotate the lowest-confidence slices listed below and retrain")
-    for axis in AXES:
-        drop = _confidence_drop(data["profiles"][axis]["confidence"], axis)
-        if drop:
-            out.append(drop)
-    for axis in AXES:
-        for name, values in data["profiles"][axis]["fractions"].items():
-            msg = _drift(values, name, axis, drift_threshold)
-            if msg:
-                out.append(msg)
-    for pair in data["contrast"]:
-        if pair["cnr"] is not None and pair["cnr"] < 1.0:
-            names = {c["label"]: c["name"] for c in data["classes"]}
-            out.append(f"classes {names[pair['a']]} and {names[pair['b']]} have nearly the same intensity "
-                       f"(contrast {pair['cnr']:.2f} std): they are told apart by context only")
-    for name, comp in data["components"]["classes"].items():
-        if comp["count"] >= 20 and comp["single_voxel"] > 0.5 * comp["count"]:
-            out.append(f"{_pct(comp['single_voxel'] / comp['count'])} of {name} components are single voxels "
-                       "(speckle: noise or an under-trained model)")
-    truth = data["truth"]
-    if truth:
-        for c in truth["per_class"]:
-            if c["iou"] is not None and c["support"] and c["iou"] < 0.5:
-                out.append(f"class {c['name']}: IoU against the truth is only {c['iou']:.2f}")
-        if truth["not_computed_voxels"]:
-            out.append(f"{truth['not_computed_voxels']} annotated voxels were not computed (skipped or missing blocks)")
-    return out
-
-
-def _confidence_drop(values: Sequence[float | None], axis: str, drop: float = 0.1) -> str | None:
-    arr = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-    ok = np.isfinite(arr)
-    if ok.sum() < 4:
-        return None
-    ref = float(np.median(arr[ok]))
-    low = ok & (arr < ref - drop)
-    if not low.any():
-        return None
-    best, start, run_start = (0, 0), None, 0
-    for i, v in enumerate(np.append(low, False)):
-        if v and start is None:
-            start = i
-        elif not v and start is not None:
-            if i - start > best[1] - best[0]:
-                best = (start, i)
-            start = None
-    run_start, run_end = best
-    if run_end - run_start < max(2, int(0.02 * len(arr))):
-        return None
-    mean_low = float(np.nanmean(arr[run_start:run_end]))
-    where = (f"{axis} >= {run_start}" if run_end == len(arr) else
-             f"{axis} < {run_end}" if run_start == 0 else f"{axis} in {run_start}..{run_end - 1}")
-    return (f"confidence drops at {where} (mean max probability {mean_low:.2f} vs {ref:.2f} elsewhere); "
-            "annotate there next")
-
-
-def _drift(values: Sequence[float | None], name: str, axis: str, threshold: float) -> str | None:
-    arr = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-    arr = arr[np.isfinite(arr)]
-    if len(arr) < 8:
-        return None
-    w = max(1, len(arr) // 20)
-    smooth = np.convolve(arr, np.ones(w) / w, mode="valid")
-    lo, hi = float(smooth.min()), float(smooth.max())
-    if hi - lo <= threshold:
-        return None
-    return (f"fraction of {name} varies from {_pct(lo)} to {_pct(hi)} along {axis} "
-            "(drift, beam hardening, rings or a sample edge?)")
 
 
 # ----------------------------------------------------------------------------- output

@@ -254,7 +254,9 @@ def test_report_renders_in_headless_chromium(full_qc: Any, tmp_path: Path) -> No
 
 
 def test_warnings_in_plain_words() -> None:
-    from pipeline.qc import _confidence_drop, _drift, _pct
+    from pipeline.qc_warnings import confidence_drop as _confidence_drop
+    from pipeline.qc_warnings import drift as _drift
+    from pipeline.qc_warnings import pct as _pct
 
     assert _confidence_drop([0.95] * 30 + [0.7] * 10, "z") == (
         "confidence drops at z >= 30 (mean max probability 0.70 vs 0.95 elsewhere); annotate there next")
