@@ -83,3 +83,9 @@ class BlockFailedError(StudiosError, RuntimeError):
     def __init__(self, message: str, failed: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.failed: dict[str, str] = dict(failed or {})
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``str(exc)`` on one line (whitespace collapsed), cut to ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

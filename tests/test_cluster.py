@@ -275,7 +275,7 @@ def test_segment_picks_cuda_and_gpu_block_for_a_cuda_cluster(monkeypatch, tmp_pa
 
     monkeypatch.setattr("pipeline.segment.preflight", lambda spec: None)
     monkeypatch.setattr("pipeline.segment._dispatch", dispatch)
-    monkeypatch.setattr(cl, "gpu_free_memory", lambda: [3 * 2**30, 2 * 2**30])
+    monkeypatch.setattr("pipeline.gpu.gpu_free_memory", lambda: [3 * 2**30, 2 * 2**30])
     segment(scan, model, tmp_path / "o.zarr", cluster=ClusterSpec(kind="cuda"), chunks=(8, 8, 8), precision="bf16")
     job = seen["job"]
     assert job.device == "cuda" and job.precision == "bf16"
