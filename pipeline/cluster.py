@@ -3,23 +3,9 @@
 :func:`open_client` is a context manager that starts (or connects to) the cluster described by
 a :class:`ClusterSpec`, yields a ``distributed.Client`` and tears everything down on exit,
 including on errors, Ctrl-C and SIGTERM. ``distributed``, ``dask_jobqueue`` and ``dask_cuda``
-are imported only on demand. The SLURM machinery lives in :mod:`pipeline.slurm`, the GPU
-machinery in :mod:`pipeline.gpu`; their public names are re-exported here.
-
-SLURM (``dask_jobqueue.SLURMCluster``):
-
-- the job script is checked with ``sbatch --test-only`` first, so a wrong partition, account
-  or memory request is one clear error before anything is queued;
-- the cluster scales to ``min(workers, jobs the blocks can use)`` jobs (or adapts between the
-  ``adapt`` bounds, capped the same way);
-- it waits up to ``wait_timeout`` seconds for the first worker; if none connects the error
-  names the job ids and their state and reason from ``squeue`` (e.g. ``PENDING (Priority)``);
-- every job carries a unique name (``studios-<token>``); after ``SLURMCluster.close()`` any job
-  of that name still in ``squeue`` is cancelled with ``scancel``, so no job outlives the run.
-
-CUDA (``dask_cuda.LocalCUDACluster``): one worker per visible GPU, each advertising the Dask
-resource ``GPU=1`` (blocks ask for it, so they only run on GPU workers), blocks on ``cuda``.
-:func:`activation_bytes_per_voxel` and :func:`choose_block` size blocks from free GPU memory.
+are imported only on demand. The SLURM machinery (``dask_jobqueue.SLURMCluster``) lives in
+:mod:`pipeline.slurm`, the GPU machinery (``dask_cuda.LocalCUDACluster``) in
+:mod:`pipeline.gpu`; their public names are re-exported here.
 """
 
 from __future__ import annotations
