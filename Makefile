@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.studios-installed
 
-.PHONY: demo test env bench lint clean
+.PHONY: demo test env bench bench-accuracy lint clean
 
 env: $(STAMP)
 
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py
+
+# about an hour on 2 cores: 2 seeds x (1, 3, 10 slices) x 6 methods, then the InSegt slices
+bench-accuracy: $(STAMP)
+	$(PIP) install -q -e ".[test,bench]"
+	$(PY) bench/accuracy.py --json bench-output/accuracy.json
 
 lint: $(STAMP)
 	$(PY) -m ruff check pipeline flows tests bench

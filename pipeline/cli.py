@@ -156,7 +156,7 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("model", type=Path, help="a model bundle folder")
     p.add_argument("output", type=Path, help="the segmentation .zarr to write")
     p.add_argument("--block", type=int, nargs="+", default=None, metavar="N",
-                   help="write-block edge, or Z Y X (a multiple of the output chunks; default 256, "
+                   help="write-block edge, or Z Y X (a multiple of the output chunks; default 128, "
                    "or the largest that fits in free GPU memory on GPU workers)")
     p.add_argument("--chunks", type=int, nargs=3, metavar=("Z", "Y", "X"), help="output chunks (default min(block,128))")
     p.add_argument("--probabilities", action="store_true", help="also write uint8 class probabilities")

@@ -178,7 +178,7 @@ def _write(
                 reporter.advance(1, voxels=slab * src.shape[1] * src.shape[2])
         reporter.finish()
         stats = total.result()
-        levels = build_pyramid(group, method="mean") if pyramid else 1
+        levels = build_pyramid(group, method="mean", workers=workers) if pyramid else 1
         group.attrs["ome"] = {
             "version": "0.5",
             "multiscales": [multiscales(levels, voxel_size=voxel_size, unit=unit, name=out.stem)],

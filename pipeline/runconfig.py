@@ -12,7 +12,7 @@ in the Prefect UI and a deployment's ``parameters:`` all read the same::
     overwrite: false                      # true: recompute even finished outputs
     ingest:   {chunks: [64, 64, 64], voxel_size: [1, 1, 1], unit: micrometer, nonfinite: error}
     model:    {bundle: PATH} | {init: {classes: [..], seed: 0}} | {train: {annotations: PATH, ...}}
-    segment:  {block: 256, probabilities: false, device: cpu, exact: false, retries: 2}
+    segment:  {block: 128, probabilities: false, device: cpu, exact: false, retries: 2}
     cluster:  {kind: local, workers: 1, threads_per_worker: 1}   # also address/slurm/cuda/serial
     qc:       {enabled: true, truth: null}
     watch:    {incoming: /data/incoming, interval: 120, settle_seconds: 120}   # studios serve only
@@ -108,7 +108,7 @@ class ModelOptions:
 class SegmentOptions:
     """``segment:`` the blockwise stage (see ``studios segment --help``)."""
 
-    block: int | tuple[int, int, int] | None = None  # default 256 (on GPUs: sized to free memory)
+    block: int | tuple[int, int, int] | None = None  # default 128 (on GPUs: sized to free memory)
     chunks: tuple[int, int, int] | None = None
     probabilities: bool = False
     device: str | None = None  # default cuda on GPU clusters, else cpu

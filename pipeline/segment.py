@@ -54,7 +54,10 @@ from pipeline.tiling import grid_shape, plan_blocks
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BLOCK = 256
+#: CPU write-block edge. On CPUs 128^3 blocks (146^3 with the default halo, ~190 MiB of
+#: activations) run faster per voxel than 256^3 (1.26 GiB) despite the larger halo share: the
+#: working set stays closer to the caches (bench/throughput.py; docs/performance.md).
+DEFAULT_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ def segment(
         model: a bundle folder or an in-memory :class:`ModelBundle`.
         output: the ``.zarr`` to write.
         block: write-box edge (or (z, y, x)); a multiple of the output chunks. Default: chosen
-            from free GPU memory when blocks run on a GPU, else 256.
+            from free GPU memory when blocks run on a GPU, else :data:`DEFAULT_BLOCK` (128).
         chunks: output chunk shape; default ``min(block, 128)`` per axis.
         cluster: where blocks run (default: a LocalCluster); ignored if ``executor`` is given.
         executor: run blocks with this executor (e.g. :class:`SerialExecutor`).

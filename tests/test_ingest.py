@@ -247,3 +247,30 @@ def test_stats_in_pieces_match_numpy(monkeypatch, rng, dtype):
         assert sum(s.histogram) == pytest.approx(vol.size, rel=0.01)
     else:
         assert sum(s.histogram) == vol.size
+
+
+@pytest.mark.parametrize(("method", "workers"), [("mean", 1), ("mean", 3), ("nearest", 2)])
+def test_tiled_pyramid_equals_downsampling_the_whole_level(tmp_path, rng, method, workers):
+    """Levels are built in tiles of 2 chunks per axis (odd shapes, several tiles per axis)."""
+    from pipeline.store import build_pyramid, create_array, downsample
+
+    vol = rng.integers(0, 60000, size=(45, 37, 70)).astype(np.uint16)
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="w")
+    create_array(group, "0", shape=vol.shape, dtype=vol.dtype, chunks=(4, 6, 8))[...] = vol
+    levels = build_pyramid(group, method=method, min_size=4, max_levels=4, workers=workers)
+    assert levels == 4
+    expected = vol
+    for level in range(1, levels):
+        expected = downsample(expected, method=method)
+        assert np.array_equal(np.asarray(group[str(level)][...]), expected), level
+
+
+def test_mean_downsample_is_the_mean_of_the_voxels_present(rng):
+    from pipeline.store import downsample
+
+    vol = rng.integers(0, 65535, size=(5, 4, 7)).astype(np.uint16)
+    out = downsample(vol, method="mean")
+    assert out.shape == (3, 2, 4)
+    for z, y, x in np.ndindex(out.shape):
+        cell = vol[2 * z : 2 * z + 2, 2 * y : 2 * y + 2, 2 * x : 2 * x + 2].astype(np.float64)
+        assert out[z, y, x] == np.rint(cell.mean()), (z, y, x)
