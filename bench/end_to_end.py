@@ -8,7 +8,7 @@ stages run with their defaults, as ``studios ingest`` / ``studios segment`` / ``
 would run them:
 
 1. ``ingest(stack, scan.zarr)``: 128^3 chunks, statistics, pyramid;
-2. ``segment(scan.zarr, model, seg.zarr, qc=False)``: default block (256) on a default
+2. ``segment(scan.zarr, model, seg.zarr, qc=False)``: default block (128 on CPU) on a default
    LocalCluster (1 worker x 1 thread, torch threads = cores), started and stopped inside;
 3. ``pipeline.qc.run_qc(seg.zarr, scan=scan.zarr)`` (skipped if ``pipeline.qc`` is absent).
 
@@ -90,7 +90,7 @@ def main() -> None:
             return result
 
         stage("ingest (TIFF stack -> OME-Zarr)", lambda: ingest(root / "stack", root / "scan.zarr"))
-        seg = stage("segment (LocalCluster, block 256)", lambda: segment(
+        seg = stage("segment (LocalCluster, default block)", lambda: segment(
             root / "scan.zarr", model_dir, root / "seg.zarr", qc=False, probabilities=args.probabilities,
             cluster=ClusterSpec(worker_heap=heap)))
         qc = None
