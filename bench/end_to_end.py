@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="work folder (kept); default a temporary folder")
     ap.add_argument("--probabilities", action="store_true")
     ap.add_argument("--malloc", choices=("retain", "glibc"), default="retain",
-                    help="retain (studios' default worker_heap): driver and workers keep freed memory; glibc: its defaults")
+                    help="retain (studios' default worker_heap): driver and workers keep freed memory; "
+                         "glibc: its defaults")
     args = ap.parse_args()
     heap, malloc_note = _common.set_malloc(args.malloc)
 

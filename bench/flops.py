@@ -106,7 +106,8 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     ap.add_argument("--only", nargs="+", default=None, help="run only these variants")
     ap.add_argument("--malloc", choices=("retain", "glibc"), default="retain",
-                    help="retain (studios' default worker_heap): driver and workers keep freed memory; glibc: its defaults")
+                    help="retain (studios' default worker_heap): driver and workers keep freed memory; "
+                         "glibc: its defaults")
     ap.add_argument("--sweep", type=int, nargs="+", default=None,
                     help="instead: time pipeline.forward at these block edges (all cores), output Mvox/s")
     args = ap.parse_args()

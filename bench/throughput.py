@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions of monolithic and warm runs")
     ap.add_argument("--exact", action="store_true", help="segment and reference in exact mode (oneDNN off)")
     ap.add_argument("--malloc", choices=("retain", "glibc"), default="retain",
-                    help="retain (studios' default worker_heap): driver and workers keep freed memory; glibc: its defaults")
+                    help="retain (studios' default worker_heap): driver and workers keep freed memory; "
+                         "glibc: its defaults")
     args = ap.parse_args()
     heap, malloc_note = _common.set_malloc(args.malloc)
 

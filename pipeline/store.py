@@ -16,8 +16,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +163,7 @@ def build_pyramid(
         step = [2 * c for c in src.chunks[-3:]]
         starts = itertools.product(*(range(0, n, st) for n, st in zip(src.shape[-3:], step, strict=True)))
 
-        def tile(start: tuple[int, ...], src: zarr.Array = src, dst: zarr.Array = dst) -> None:
+        def tile(start: tuple[int, ...], src: zarr.Array = src, dst: zarr.Array = dst, step: list[int] = step) -> None:
             read = tuple(slice(a, a + st) for a, st in zip(start, step, strict=True))
             part = downsample(np.asarray(src[(..., *read)]), method=method)
             write = tuple(slice(a // 2, a // 2 + n) for a, n in zip(start, part.shape[-3:], strict=True))
