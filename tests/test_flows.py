@@ -390,6 +390,10 @@ qc: {{enabled: false}}   # QC through a server is covered by the demo test
         from pipeline.store import open_image
 
         assert open_image(out / "scan_b" / "seg.zarr", kind="segmentation").shape == (24, 24, 24)
+    except (AssertionError, KeyError, FileNotFoundError) as exc:  # keep what the server saw with the failure
+        log.flush()
+        raise AssertionError(f"{type(exc).__name__}: {exc}\n--- serve.log (tail) ---\n"
+                             f"{(tmp_path / 'serve.log').read_text()[-4000:]}") from exc
     finally:
         stop(serve, signal.SIGINT)
         log.close()
