@@ -224,6 +224,11 @@ def set_malloc(mode: str) -> tuple[str, str]:
                       f"workers worker_heap=retain: {RETAIN_HEAP_ENV})")
 
 
+def dir_bytes(path: Path) -> int:
+    """Bytes of all files below ``path`` (what a folder or zarr store takes on disk, unpadded)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.train import AUG_NOISE, AUG_OFFSET, AUG_SCALE  # the studios trainer's augmentation
+
 TRAIN_PATCH = (16, 64, 64)  # (z, y, x); every edge a multiple of 8 (three stride-2 levels)
 ROI = (32, 64, 64)
 BATCH = 4
 LR = 1e-3
-AUG_SCALE, AUG_OFFSET, AUG_NOISE = 0.1, 0.05, 0.03  # as pipeline.train
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ def main() -> None:
             seg_dir = root / "seg.zarr"
             qc = stage("qc", lambda: run_qc(seg_dir, scan=root / "scan.zarr", out_dir=seg_dir / "qc"))
         total = time.perf_counter() - t_all
-        stored = {name: sum(p.stat().st_size for p in (root / name).rglob("*") if p.is_file())
+        stored = {name: _common.dir_bytes(root / name)
                   for name in ("stack", "scan.zarr", "seg.zarr")}
 
     print()

@@ -85,7 +85,7 @@ def main() -> None:
             times["plain"].append(plain())
             times["ingest"].append(run_ingest(True))
             times["ingest, no pyramid"].append(run_ingest(False))
-        stored = sum(p.stat().st_size for p in (root / "scan.zarr").rglob("*") if p.is_file())
+        stored = _common.dir_bytes(root / "scan.zarr")
         shutil.rmtree(root / "scan.zarr")
         code = f"import sys; sys.path.insert(0, {str(_common.ROOT)!r}); from pipeline.ingest import ingest; " \
                f"ingest({str(folder)!r}, {str(root / 'scan.zarr')!r})"

@@ -131,34 +131,34 @@ class StatsAccumulator:
     def result(self) -> IntensityStats:
         if self.count == 0:
             raise InputError("no voxels were read; the input is empty")
+        total, total_sq, lo, hi = self.total, self.total_sq, self.lo, self.hi
         if self._integer_hist is not None:  # sums and range from the exact histogram
             present = np.flatnonzero(self._integer_hist)
             weights = self._integer_hist[present].astype(np.float64)
             levels = present.astype(np.float64) - self._shift
-            self.total = float(np.dot(weights, levels))
-            self.total_sq = float(np.dot(weights, levels * levels))
-            self.lo, self.hi = float(levels[0]), float(levels[-1])
-        mean = self.total / self.count
-        var = max(self.total_sq / self.count - mean * mean, 0.0)
-        edges = np.linspace(self.lo, self.hi if self.hi > self.lo else self.lo + 1, HISTOGRAM_BINS + 1)
+            total, total_sq = float(np.dot(weights, levels)), float(np.dot(weights, levels * levels))
+            lo, hi = float(levels[0]), float(levels[-1])
+        mean = total / self.count
+        var = max(total_sq / self.count - mean * mean, 0.0)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1, HISTOGRAM_BINS + 1)
         if self._integer_hist is not None:
-            values = np.arange(self._integer_hist.size, dtype=np.float64) - self._shift
             nz = self._integer_hist > 0
             cdf = np.cumsum(self._integer_hist)
+            all_levels = np.arange(self._integer_hist.size, dtype=np.float64) - self._shift
             pct = {
-                _pkey(q): float(values[np.searchsorted(cdf, q / 100.0 * (self.count - 1), side="right")])
+                _pkey(q): float(all_levels[np.searchsorted(cdf, q / 100.0 * (self.count - 1), side="right")])
                 for q in PERCENTILES
             }
-            hist, _ = np.histogram(values[nz], bins=edges, weights=self._integer_hist[nz])
+            hist, _ = np.histogram(all_levels[nz], bins=edges, weights=self._integer_hist[nz])
         else:
-            sample = np.concatenate(self._samples) if self._samples else np.array([self.lo])
+            sample = np.concatenate(self._samples) if self._samples else np.array([lo])
             pct = {_pkey(q): float(np.percentile(sample, q)) for q in PERCENTILES}
             hist, _ = np.histogram(sample, bins=edges)
             hist = np.round(hist * (self.count / max(sample.size, 1)))
         return IntensityStats(
             count=int(self.count),
-            min=float(self.lo),
-            max=float(self.hi),
+            min=float(lo),
+            max=float(hi),
             mean=float(mean),
             std=float(np.sqrt(var)),
             percentiles=pct,

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-AXES = ("z", "y", "x")
+from pipeline.store import AXES
 
 
 def pct(x: float) -> str:

@@ -54,6 +54,7 @@ from pipeline.bundle import from_model, save_bundle
 from pipeline.errors import ConfigError, InputError, OutputExistsError
 from pipeline.geometry import Box
 from pipeline.inference import read_padded, resolve_device
+from pipeline.metrics import scores
 from pipeline.models import DEFAULT_ARCH, StridefreeModel, build_model
 from pipeline.normalize import Normalization, apply_affine
 from pipeline.progress import NullReporter, Reporter
@@ -602,16 +603,14 @@ class _Loop:
 
 def _scores(confusion: np.ndarray[Any, Any], names: Sequence[str]) -> dict[str, Any]:
     """Accuracy, per-class IoU (None where the class is absent from validation) and their mean."""
-    tp = np.diag(confusion).astype(np.float64)
-    truth, pred = confusion.sum(1), confusion.sum(0)
-    union = truth + pred - tp
-    iou = {name: (float(tp[c] / union[c]) if truth[c] else None) for c, name in enumerate(names)}
+    summary = scores(confusion, names)
+    iou = {c["name"]: (c["iou"] if c["support"] else None) for c in summary["per_class"]}
     present = [v for v in iou.values() if v is not None]
     return {
-        "val_accuracy": float(tp.sum() / max(confusion.sum(), 1)),
+        "val_accuracy": summary["accuracy"] or 0.0,
         "val_mean_iou": float(np.mean(present)) if present else 0.0,
         "val_iou": iou,
-        "val_voxels": int(confusion.sum()),
+        "val_voxels": summary["voxels"],
     }
 
 
