@@ -164,10 +164,11 @@ def build_pyramid(
         starts = itertools.product(*(range(0, n, st) for n, st in zip(src.shape[-3:], step, strict=True)))
 
         def tile(start: tuple[int, ...], src: zarr.Array = src, dst: zarr.Array = dst, step: list[int] = step) -> None:
-            read = tuple(slice(a, a + st) for a, st in zip(start, step, strict=True))
-            part = downsample(np.asarray(src[(..., *read)]), method=method)
-            write = tuple(slice(a // 2, a // 2 + n) for a, n in zip(start, part.shape[-3:], strict=True))
-            dst[(..., *write)] = part
+            read: tuple[Any, ...] = (..., *(slice(a, a + st) for a, st in zip(start, step, strict=True)))
+            part = downsample(np.asarray(src[read]), method=method)
+            write: tuple[Any, ...] = (..., *(slice(a // 2, a // 2 + n)
+                                             for a, n in zip(start, part.shape[-3:], strict=True)))
+            dst[write] = part
 
         if workers > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:
