@@ -42,7 +42,7 @@ def machine_facts(extra: Mapping[str, Any] | None = None) -> str:
     import torch
     import zarr
 
-    from pipeline.cluster import cpu_count
+    from pipeline.compute.cluster import cpu_count
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -90,7 +90,7 @@ def bundle(arch: str | None = None, params: str | Mapping[str, Any] | None = Non
 
     ``params`` overrides registry defaults (a JSON string or a mapping).
     """
-    from pipeline.bundle import init_bundle
+    from pipeline.io.bundle import init_bundle
     from pipeline.models import DEFAULT_ARCH
 
     if isinstance(params, str):
@@ -215,7 +215,7 @@ def set_malloc(mode: str) -> tuple[str, str]:
     benchmark starts. With ``retain`` this process (the monolithic reference) also keeps freed
     memory (:func:`retain_heap`), so both sides run with the same allocator behaviour.
     """
-    from pipeline.cluster import RETAIN_HEAP_ENV
+    from pipeline.compute.cluster import RETAIN_HEAP_ENV
 
     if mode == "glibc":
         return "glibc", "malloc: glibc defaults (workers: dask's MALLOC_TRIM_THRESHOLD_=65536)"

@@ -1,12 +1,12 @@
 """Accuracy from a few annotated slices: every studios model against classic baselines and a U-Net.
 
-Phantoms (``pipeline.phantom``: glass-fibre composite, radon/iradon with Poisson noise, blur and
+Phantoms (``pipeline.testing.phantom``: glass-fibre composite, radon/iradon with Poisson noise, blur and
 rings; stored as uint16 like a beamline does), seeds ``--seeds``, annotations on ``--slices``
 evenly spread z-slices. Every method learns from the same annotations and is scored on **all
 unannotated voxels** against the dense truth: per-class IoU, mean IoU, macro F1, Cohen's kappa.
 
 Methods:
-  * ``dilated_resnet`` (the default), ``rotinv_dilated``, ``filterbank_mlp``: ``pipeline.train``
+  * ``dilated_resnet`` (the default), ``rotinv_dilated``, ``filterbank_mlp``: ``pipeline.train.loop``
     with a ``--minutes`` budget, then whole-volume inference (equal to blockwise, see
     docs/exactness.md);
   * ``multi_otsu``: scikit-image multi-Otsu thresholds (256-bin histogram); each intensity bin
@@ -54,7 +54,7 @@ INSEGT = ROOT.parent / "shared" / "data" / "insegt"
 
 def _score(truth: np.ndarray[Any, Any], pred: np.ndarray[Any, Any], mask: np.ndarray[Any, Any],
            names: tuple[str, ...]) -> dict[str, Any]:
-    from pipeline.metrics import confusion_matrix, scores
+    from pipeline.core.metrics import confusion_matrix, scores
 
     s = scores(confusion_matrix(truth, pred, len(names), mask=mask), names)
     return {"iou": {c["name"]: c["iou"] for c in s["per_class"]}, "mean_iou": s["mean_iou"],
@@ -115,11 +115,11 @@ def _studios(arch: str, scan: Path, volume: np.ndarray[Any, Any], ann: np.ndarra
              work: Path, *, minutes: float, seed: int, threads: int) -> tuple[np.ndarray[Any, Any], dict[str, Any]]:
     import torch
 
-    from pipeline.annotations import from_array
-    from pipeline.bundle import load_bundle
-    from pipeline.inference import predict_volume, to_labels
-    from pipeline.store import open_image
-    from pipeline.train import train
+    from pipeline.io.bundle import load_bundle
+    from pipeline.io.store import open_image
+    from pipeline.segment.predict import predict_volume, to_labels
+    from pipeline.train.annotations import from_array
+    from pipeline.train.loop import train
 
     res = train(scan, from_array(ann, classes=len(names)), work / arch, arch=arch, classes=names,
                 minutes=minutes, seed=seed, threads=threads, overwrite=True)
@@ -151,7 +151,7 @@ def run_methods(methods: tuple[str, ...], volume: np.ndarray[Any, Any], ann: np.
                 truth: np.ndarray[Any, Any], mask: np.ndarray[Any, Any], names: tuple[str, ...], work: Path,
                 *, minutes: float, seed: int, threads: int, tag: dict[str, Any]) -> list[dict[str, Any]]:
     """Train/apply each method on one (volume, annotations) case; score where ``mask``."""
-    from pipeline.ingest import ingest_array
+    from pipeline.ingest.run import ingest_array
 
     scan = work / "scan.zarr"
     if any(m in STUDIOS for m in methods) and not scan.exists():
@@ -189,7 +189,7 @@ def phantom_case(seed: int, size: int, slices: list[int], methods: tuple[str, ..
     """All methods on one phantom at each annotation count; scored on unannotated voxels."""
     import torch
 
-    from pipeline.phantom import make_annotations, make_phantom, to_uint16
+    from pipeline.testing.phantom import make_annotations, make_phantom, to_uint16
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()

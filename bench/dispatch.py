@@ -3,11 +3,11 @@
     .venv/bin/python bench/dispatch.py [--plan-volume 4096 4096 4096] [--plan-block 64]
                                        [--tasks 20000] [--in-flight 0 64 512] [--workers 1] [--threads 1]
 
-1. **Planning** (no data): :func:`pipeline.tiling.plan_blocks` (a list) and
-   :func:`pipeline.tiling.iter_blocks` (lazy) over a virtual volume, by default 4096^3 in
+1. **Planning** (no data): :func:`pipeline.core.tiling.plan_blocks` (a list) and
+   :func:`pipeline.core.tiling.iter_blocks` (lazy) over a virtual volume, by default 4096^3 in
    blocks of 64 (262,144 blocks), with the default model's halo and 64^3 chunks; also the
    memory the list of blocks takes (growth of this process's RSS while planning).
-2. **Dispatch**: :class:`pipeline.executors.DaskExecutor` (what ``segment()`` uses) over a
+2. **Dispatch**: :class:`pipeline.compute.executors.DaskExecutor` (what ``segment()`` uses) over a
    LocalCluster (default 1 worker x 1 thread) runs a no-op block function on TASKS blocks of
    that plan: the wall time per block is the scheduler's overhead per block (submit, schedule,
    run an empty task, report, release), since the block itself does nothing. One row per
@@ -43,10 +43,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
-    from pipeline.blockwork import SegmentJob
-    from pipeline.cluster import ClusterSpec, open_client
-    from pipeline.executors import DaskExecutor
-    from pipeline.tiling import iter_blocks, plan_blocks
+    from pipeline.compute.cluster import ClusterSpec, open_client
+    from pipeline.compute.executors import DaskExecutor
+    from pipeline.core.tiling import iter_blocks, plan_blocks
+    from pipeline.segment.worker import SegmentJob
 
     halo = _common.bundle().halo
     volume = tuple(args.plan_volume)

@@ -10,7 +10,7 @@ would run them:
 1. ``ingest(stack, scan.zarr)``: 128^3 chunks, statistics, pyramid;
 2. ``segment(scan.zarr, model, seg.zarr, qc=False)``: default block (128 on CPU) on a default
    LocalCluster (1 worker x 1 thread, torch threads = cores), started and stopped inside;
-3. ``pipeline.qc.run_qc(seg.zarr, scan=scan.zarr)`` (skipped if ``pipeline.qc`` is absent).
+3. ``pipeline.qc.run.run_qc(seg.zarr, scan=scan.zarr)`` (skipped if ``pipeline.qc.run`` is absent).
 
 Per stage: wall seconds, voxels/s, and peak resident memory (a thread polls every 100 ms) of
 this process (the driver), of its largest child process (the Dask worker during segment), and
@@ -56,13 +56,13 @@ def main() -> None:
     args = ap.parse_args()
     heap, malloc_note = _common.set_malloc(args.malloc)
 
-    from pipeline.bundle import save_bundle
-    from pipeline.cluster import ClusterSpec
-    from pipeline.ingest import ingest
-    from pipeline.segment import segment
+    from pipeline.compute.cluster import ClusterSpec
+    from pipeline.ingest.run import ingest
+    from pipeline.io.bundle import save_bundle
+    from pipeline.segment.run import segment
 
     try:
-        from pipeline.qc import run_qc
+        from pipeline.qc.run import run_qc
     except ImportError:
         run_qc = None
 
@@ -109,7 +109,7 @@ def main() -> None:
           f"post {st['normalize_s']:.1f}, forward {st['forward_s']:.1f}, write {st['write_s']:.1f}; "
           f"dispatch wall {st.get('dispatch', 0):.1f}")
     if run_qc is None:
-        print("qc: pipeline.qc is not available in this checkout; not measured")
+        print("qc: pipeline.qc.run is not available in this checkout; not measured")
     elif qc is not None:
         print(f"qc: status {qc.status}, {len(qc.warnings)} warning(s)")
     print(f"on disk: stack {_common.mib(stored['stack'])}, scan.zarr {_common.mib(stored['scan.zarr'])}, "

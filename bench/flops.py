@@ -12,7 +12,7 @@ forward, each timed as the best of ``--reps`` runs on one block of ``--block``^3
 - ``plain``: ``model(x)`` on NCDHW tensors, oneDNN on (what studios ran before channels-last);
 - ``exact``: oneDNN off (``--exact`` mode: bit-identical to the whole-volume pass);
 - ``channels_last``: model and input in ``torch.channels_last_3d`` (NDHWC), oneDNN on;
-- ``pipeline.forward``: :func:`pipeline.inference.forward` itself, what blocks run by default
+- ``pipeline.forward``: :func:`pipeline.segment.predict.forward` itself, what blocks run by default
   (normalise, channels-last model on CPU with oneDNN, softmax);
 - ``batch8``: eight blocks of half the edge (same output voxels, more halo) in one batched call;
 - ``compile``: ``torch.compile`` (inductor, CPU; needs a C compiler), plain layout;
@@ -62,8 +62,8 @@ def sweep(args: argparse.Namespace) -> None:
     """Output voxels/s of pipeline.forward per block edge: halo overhead against cache fit."""
     import numpy as np
 
-    from pipeline.cluster import cpu_count
-    from pipeline.inference import forward, numerics
+    from pipeline.compute.cluster import cpu_count
+    from pipeline.segment.predict import forward, numerics
 
     b = _common.bundle(args.arch, args.params)
     model = b.build().eval()
@@ -117,8 +117,8 @@ def main() -> None:
         sweep(args)
         return
 
-    from pipeline.cluster import cpu_count
-    from pipeline.inference import forward, numerics
+    from pipeline.compute.cluster import cpu_count
+    from pipeline.segment.predict import forward, numerics
 
     cores = cpu_count()
     threads = args.threads or sorted({1, cores})

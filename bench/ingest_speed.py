@@ -9,7 +9,7 @@ CPU-side cost, not the disk):
 
 - **plain**: ``tifffile.imread`` of every file in order into one preallocated (Z, Y, X) array:
   what a script that loads the stack into memory does;
-- **ingest**: ``pipeline.ingest.ingest(folder, out.zarr)`` with its defaults (128^3 chunks,
+- **ingest**: ``pipeline.ingest.run.ingest(folder, out.zarr)`` with its defaults (128^3 chunks,
   Blosc-zstd, global statistics in the same pass, 2 slabs in parallel, the OME-Zarr pyramid);
 - **ingest, no pyramid**: the same without the pyramid levels.
 
@@ -45,7 +45,7 @@ def main() -> None:
 
     import tifffile
 
-    from pipeline.ingest import ingest
+    from pipeline.ingest.run import ingest
 
     dtype = np.dtype(args.dtype)
     print(_common.machine_facts())
@@ -87,7 +87,7 @@ def main() -> None:
             times["ingest, no pyramid"].append(run_ingest(False))
         stored = _common.dir_bytes(root / "scan.zarr")
         shutil.rmtree(root / "scan.zarr")
-        code = f"import sys; sys.path.insert(0, {str(_common.ROOT)!r}); from pipeline.ingest import ingest; " \
+        code = f"import sys; sys.path.insert(0, {str(_common.ROOT)!r}); from pipeline.ingest.run import ingest; " \
                f"ingest({str(folder)!r}, {str(root / 'scan.zarr')!r})"
         subprocess.run([sys.executable, "-c", code], check=True)  # the first child: ru_maxrss is its own
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024

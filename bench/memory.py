@@ -54,10 +54,10 @@ def main() -> None:
 
     import torch
 
-    from pipeline.bundle import save_bundle
-    from pipeline.cluster import ClusterSpec, open_client
-    from pipeline.ingest import ingest_array
-    from pipeline.segment import segment
+    from pipeline.compute.cluster import ClusterSpec, open_client
+    from pipeline.ingest.run import ingest_array
+    from pipeline.io.bundle import save_bundle
+    from pipeline.segment.run import segment
 
     params = None if args.default_model else (args.params or SMALL_PARAMS)
     bundle = _common.bundle(args.arch, params)

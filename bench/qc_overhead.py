@@ -59,11 +59,11 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep the outputs in this folder")
     args = parser.parse_args()
 
-    from pipeline.bundle import init_bundle
-    from pipeline.cluster import ClusterSpec
-    from pipeline.executors import SerialExecutor
-    from pipeline.ingest import ingest_array
-    from pipeline.segment import segment
+    from pipeline.compute.cluster import ClusterSpec
+    from pipeline.compute.executors import SerialExecutor
+    from pipeline.ingest.run import ingest_array
+    from pipeline.io.bundle import init_bundle
+    from pipeline.segment.run import segment
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="studios-qc-bench-"))
     work.mkdir(parents=True, exist_ok=True)

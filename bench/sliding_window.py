@@ -8,7 +8,7 @@ Needs ``monai`` (``pip install -e ".[bench]"``).
 Same model (the default architecture with seeded random weights), same input (the bundled
 cement CT tiled to SIZE^3, normalised with the scan's global statistics), same cores:
 
-- **reference**: :func:`pipeline.inference.predict_volume`, the whole volume in one forward pass
+- **reference**: :func:`pipeline.segment.predict.predict_volume`, the whole volume in one forward pass
   (edge-padded by the halo at the volume border only);
 - **studios**: ``segment()`` on a warm LocalCluster (default settings otherwise: 1 worker x 1
   thread, torch threads = cores), reading from and writing to zarr, one row per block size.
@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 def monai_predictor(model: torch.nn.Module, halo: int):
     """Wrap a valid model as a same-size predictor: edge-pad each window by the halo."""
-    from pipeline.inference import softmax_channels
+    from pipeline.segment.predict import softmax_channels
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         padded = torch.nn.functional.pad(x, (halo,) * 6, mode="replicate")
@@ -59,8 +59,8 @@ def blockwise_in_memory(
     model: Any, volume: np.ndarray, block: int, offset: float, scale: float, *, exact: bool
 ) -> np.ndarray:
     """studios' per-block path (read_padded + forward) over an in-memory volume, assembled."""
-    from pipeline.inference import forward, numerics, read_padded
-    from pipeline.tiling import plan_blocks
+    from pipeline.core.tiling import plan_blocks
+    from pipeline.segment.predict import forward, numerics, read_padded
 
     out = np.empty((model.classes, *volume.shape), dtype=np.float32)
     with numerics(exact=exact):
@@ -87,13 +87,13 @@ def main() -> None:
     except ImportError:
         sys.exit("monai is not installed: pip install -e '.[bench]' (check that it keeps your torch)")
 
-    from pipeline.bundle import save_bundle
-    from pipeline.cluster import ClusterSpec, cpu_count, open_client
-    from pipeline.inference import predict_volume, to_labels
-    from pipeline.ingest import ingest_array
-    from pipeline.normalize import apply_affine
-    from pipeline.segment import segment
-    from pipeline.store import open_image
+    from pipeline.compute.cluster import ClusterSpec, cpu_count, open_client
+    from pipeline.core.normalize import apply_affine
+    from pipeline.ingest.run import ingest_array
+    from pipeline.io.bundle import save_bundle
+    from pipeline.io.store import open_image
+    from pipeline.segment.predict import predict_volume, to_labels
+    from pipeline.segment.run import segment
 
     cores = cpu_count()
     torch.set_num_threads(cores)

@@ -13,7 +13,7 @@ the weights).
 
 Rows:
 
-- ``monolithic``: :func:`pipeline.inference.predict_volume` on the whole in-memory volume (pad
+- ``monolithic``: :func:`pipeline.segment.predict.predict_volume` on the whole in-memory volume (pad
   by the halo, normalise, one forward pass, softmax), torch threads = cores.
 - ``warm``: ``segment()`` on a LocalCluster already started (and warmed with a tiny run), one
   row per block size: what a long job sees per block once the cluster is up.
@@ -67,12 +67,12 @@ def main() -> None:
     args = ap.parse_args()
     heap, malloc_note = _common.set_malloc(args.malloc)
 
-    from pipeline.bundle import save_bundle
-    from pipeline.cluster import ClusterSpec, cpu_count, open_client
-    from pipeline.inference import predict_volume
-    from pipeline.ingest import ingest_array
-    from pipeline.segment import segment
-    from pipeline.store import open_image
+    from pipeline.compute.cluster import ClusterSpec, cpu_count, open_client
+    from pipeline.ingest.run import ingest_array
+    from pipeline.io.bundle import save_bundle
+    from pipeline.io.store import open_image
+    from pipeline.segment.predict import predict_volume
+    from pipeline.segment.run import segment
 
     cores = cpu_count()
     volume = _common.cement_volume(args.size)

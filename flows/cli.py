@@ -1,6 +1,6 @@
 """Subcommands that run the Prefect flows: ``run``, ``serve``, ``deploy``, ``dashboard``.
 
-Registered on :mod:`pipeline.cli` through :data:`pipeline.cli.PLUGINS`. Nothing here imports
+Registered on :mod:`pipeline.cli.main` through :data:`pipeline.cli.main.PLUGINS`. Nothing here imports
 Prefect until a handler runs, so ``studios --help`` stays fast. Every handler turns Prefect's
 outgoing analytics off (``DO_NOT_TRACK=1``, ``PREFECT_SERVER_ANALYTICS_ENABLED=false``) unless
 the environment says otherwise.
@@ -16,8 +16,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.cli import command
-from pipeline.errors import ConfigError
+from pipeline.cli.main import command
+from pipeline.core.errors import ConfigError
 
 AIR_GAPPED = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 #: Prefect's temporary local API gives up after 20 s by default; a busy workstation needs longer.
@@ -93,7 +93,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.runconfig import load_run_config
+    from pipeline.core.runconfig import load_run_config
 
     overrides = {"output": str(args.output) if args.output else None, "source": args.source, "name": args.name,
                  "overwrite": args.overwrite}
@@ -147,12 +147,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.interval is not None and args.interval <= 0:
         raise ConfigError("--interval must be > 0 seconds")
     if args.config is not None:
-        from pipeline.runconfig import load_run_config
+        from pipeline.core.runconfig import load_run_config
 
         load_run_config(args.config, require_source=False)
     air_gapped()
     if not os.environ.get("PREFECT_API_URL"):
-        logging.getLogger("pipeline.cli").warning(
+        logging.getLogger("pipeline.cli.main").warning(
             "PREFECT_API_URL is not set: serving against a temporary local API that nothing else can reach; "
             "start 'prefect server start' and export PREFECT_API_URL for the UI and schedules across restarts")
     from flows.serving import serve

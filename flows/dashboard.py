@@ -95,7 +95,7 @@ def ledger_progress(seg: Path) -> dict[str, Any] | None:
     """Blocks done / total, voxels and completeness of a segmentation, from its ledger."""
     import zarr
 
-    from pipeline.ledger import Ledger
+    from pipeline.segment.ledger import Ledger
 
     try:
         group = zarr.open_group(str(seg), mode="r")
@@ -304,7 +304,7 @@ def create_app(root: str | os.PathLike[str], *, refresh: int = 5, prefect_api: s
 
     root_path = Path(root).expanduser().resolve()
     if not root_path.is_dir():
-        from pipeline.errors import ConfigError
+        from pipeline.core.errors import ConfigError
 
         raise ConfigError(f"{root_path}: dashboard root folder does not exist; give --root DIR")
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,

@@ -2,7 +2,7 @@
 
 Prefect tasks here are *stages*: one task run per stage, whatever the number of blocks. The
 segment stage hands its blocks to the Dask cluster of its ``cluster`` options through
-:func:`pipeline.segment.segment`; progress comes back through an :class:`ArtifactReporter`.
+:func:`pipeline.segment.run.segment`; progress comes back through an :class:`ArtifactReporter`.
 
 Retries: ``ingest`` is atomic (the output appears only when complete) and ``segment`` resumes
 from its ledger, so both retry on transient errors (cluster lost, blocks failed, I/O). Errors a
@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.logs import library_logs
 from flows.reporting import ArtifactReporter, artifact_key, publish_markdown, summary_markdown
 from flows.runstate import RunStatus, now_iso
-from pipeline.errors import (
+from pipeline.core.errors import (
     ConfigError,
     InputError,
     LedgerMismatchError,
@@ -36,7 +36,7 @@ from pipeline.errors import (
     ModelError,
     OutputExistsError,
 )
-from pipeline.runconfig import (
+from pipeline.core.runconfig import (
     ClusterOptions,
     IngestOptions,
     ModelOptions,
@@ -96,9 +96,9 @@ def flow_run_links() -> dict[str, str]:
 def ingest_stage(source: str, output: Path, options: IngestOptions, *, overwrite: bool = False,
                  status: RunStatus | None = None, label: str = "") -> dict[str, Any]:
     """Reconstruction -> ``output`` (scan.zarr); a finished scan from the same source is reused."""
-    from pipeline.ingest import ingest
-    from pipeline.runconfig import _source_file
-    from pipeline.store import open_image
+    from pipeline.core.runconfig import _source_file
+    from pipeline.ingest.run import ingest
+    from pipeline.io.store import open_image
 
     if status is not None:
         status.update(stage="ingest")
@@ -126,7 +126,7 @@ def ingest_stage(source: str, output: Path, options: IngestOptions, *, overwrite
 def train_stage(scan: Path, model: ModelOptions, model_dir: Path, *, overwrite: bool = False,
                 status: RunStatus | None = None, label: str = "") -> dict[str, Any]:
     """The model for this scan: an existing bundle, a seeded random one, or one trained here."""
-    from pipeline.bundle import init_bundle, load_bundle, save_bundle
+    from pipeline.io.bundle import init_bundle, load_bundle, save_bundle
     from pipeline.models import DEFAULT_ARCH
 
     if status is not None:
@@ -152,7 +152,7 @@ def train_stage(scan: Path, model: ModelOptions, model_dir: Path, *, overwrite: 
     if (model_dir / "model.json").exists() and not overwrite:
         logger.info("train: %s already holds a model, reused (overwrite: true retrains)", model_dir)
         return {"bundle": str(model_dir), "kind": "train", "reused": True}
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     reporter = ArtifactReporter(f"train-progress-{label}", status=status)
     kwargs: dict[str, Any] = {"arch": opts.arch} if opts.arch else {}
@@ -170,10 +170,10 @@ def train_stage(scan: Path, model: ModelOptions, model_dir: Path, *, overwrite: 
 def segment_stage(scan: Path, model: Path, output: Path, options: SegmentOptions, cluster: ClusterOptions, *,
                   overwrite: bool = False, status: RunStatus | None = None, label: str = "") -> dict[str, Any]:
     """Blockwise segmentation on the stage's Dask cluster; resumes an unfinished output."""
-    from pipeline.bundle import load_bundle
-    from pipeline.executors import SerialExecutor
-    from pipeline.segment import segment
-    from pipeline.store import open_image
+    from pipeline.compute.executors import SerialExecutor
+    from pipeline.io.bundle import load_bundle
+    from pipeline.io.store import open_image
+    from pipeline.segment.run import segment
 
     if status is not None:
         status.update(stage="segment")
@@ -209,7 +209,7 @@ def segment_stage(scan: Path, model: Path, output: Path, options: SegmentOptions
 def qc_stage(seg: Path, *, scan: Path | None = None, truth: Path | None = None, out_dir: Path | None = None,
              status: RunStatus | None = None, label: str = "") -> dict[str, Any]:
     """QC of a finished segmentation: ``qc.json`` + ``report.html``."""
-    from pipeline.qc import run_qc
+    from pipeline.qc.run import run_qc
 
     if status is not None:
         status.update(stage="qc")
@@ -225,7 +225,7 @@ def qc_stage(seg: Path, *, scan: Path | None = None, truth: Path | None = None, 
 
 
 def _section(value: dict[str, Any] | None, cls: type, name: str) -> Any:
-    from pipeline.config import parse_section
+    from pipeline.core.config import parse_section
 
     return parse_section(value or {}, cls, f"parameter {name}")
 
@@ -250,7 +250,7 @@ def ingest_flow(
     source: str, output: str, ingest: dict[str, Any] | None = None, overwrite: bool = False
 ) -> dict[str, Any]:
     """Convert a reconstruction into a studios OME-Zarr scan (``output``, a .zarr)."""
-    from pipeline.runconfig import resolve_source
+    from pipeline.core.runconfig import resolve_source
 
     with library_logs():
         options = _section(ingest, IngestOptions, "ingest")

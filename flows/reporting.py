@@ -1,6 +1,6 @@
 """Prefect artifacts for the flows: a progress reporter and markdown summaries.
 
-:class:`ArtifactReporter` implements :class:`pipeline.progress.Reporter`: it creates a progress
+:class:`ArtifactReporter` implements :class:`pipeline.core.progress.Reporter`: it creates a progress
 artifact when a stage starts and updates it while blocks finish, at most once every
 ``min_interval`` seconds (a 10^5-block run makes a few hundred API calls, not 10^5), and
 mirrors the same numbers into the scan's ``studios-run.json`` for the dashboard. A failing API

@@ -23,7 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError, StudiosError
+from pipeline.core.errors import ConfigError, StudiosError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def build_deployments(
     """The RunnerDeployments ``process-scan`` and (with a ``watch:`` section) ``watch-beamline``."""
     from flows.process import process_scan
     from flows.watch import watch_folder
-    from pipeline.runconfig import load_run_config
+    from pipeline.core.runconfig import load_run_config
 
     params: dict[str, Any] = {}
     cfg = None

@@ -118,7 +118,7 @@ def safe_name(text: str) -> str:
 
 def discover(incoming: Path, marker: str = ".complete") -> list[Candidate]:
     """All scan entries in ``incoming``, oldest first, with unique names."""
-    from pipeline.runconfig import scan_name_for
+    from pipeline.core.runconfig import scan_name_for
 
     entries = []
     for entry in incoming.iterdir():
@@ -299,9 +299,9 @@ def _watch_settings(
     config: str | None, incoming: str | None, output_root: str | None, overrides: dict[str, Any]
 ) -> tuple[Path, Path, dict[str, Any]]:
     """(incoming, output_root, watch options) from the profile's ``watch:``/``output`` and parameters."""
-    from pipeline.config import load_yaml, parse_section
-    from pipeline.errors import ConfigError
-    from pipeline.runconfig import WatchOptions
+    from pipeline.core.config import load_yaml, parse_section
+    from pipeline.core.errors import ConfigError
+    from pipeline.core.runconfig import WatchOptions
 
     data = load_yaml(config) if config else {}
     section = dict(data.get("watch") or {})
@@ -348,7 +348,7 @@ def watch_folder(
     from flows.logs import library_logs
     from flows.process import process_scan
     from flows.reporting import md, publish_markdown
-    from pipeline.runconfig import load_run_config, merge_sections, parse_run_config
+    from pipeline.core.runconfig import load_run_config, merge_sections, parse_run_config
 
     with library_logs():
         inc, root, opts = _watch_settings(config, incoming, output_root, {

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bundle import load_bundle
-from pipeline.cluster import ClusterSpec
-from pipeline.inference import predict_volume, to_labels
-from pipeline.ingest import ingest
-from pipeline.progress import TerminalReporter
-from pipeline.segment import segment
-from pipeline.store import open_image
-from pipeline.train import train
+from pipeline.compute.cluster import ClusterSpec
+from pipeline.core.progress import TerminalReporter
+from pipeline.ingest.run import ingest
+from pipeline.io.bundle import load_bundle
+from pipeline.io.store import open_image
+from pipeline.segment.predict import predict_volume, to_labels
+from pipeline.segment.run import segment
+from pipeline.train.loop import train
 
 logger = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ def position_volume(shape: tuple[int, int, int]) -> np.ndarray[Any, Any]:
 
 
 def make_scan(tmp_path: Path, volume: np.ndarray[Any, Any], name: str = "scan.zarr", **kwargs: Any) -> Path:
-    from pipeline.ingest import ingest_array
+    from pipeline.ingest.run import ingest_array
 
     out = tmp_path / name
     ingest_array(volume, out, **kwargs)

@@ -11,7 +11,7 @@ from conftest import ROOT, SHARED_DATA
 sys.path.insert(0, str(ROOT / "bench"))
 from accuracy import _multi_otsu, scribble_folds  # noqa: E402
 
-from pipeline.phantom import make_annotations, make_phantom  # noqa: E402
+from pipeline.testing.phantom import make_annotations, make_phantom  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["glass_labels.png", "slice1_labeling.png"])

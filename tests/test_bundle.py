@@ -8,8 +8,8 @@ import pickle
 import pytest
 import torch
 
-from pipeline.bundle import init_bundle, load_bundle, save_bundle
-from pipeline.errors import ModelError, OutputExistsError
+from pipeline.core.errors import ModelError, OutputExistsError
+from pipeline.io.bundle import init_bundle, load_bundle, save_bundle
 
 
 def test_roundtrip_preserves_weights_and_metadata(tmp_path):

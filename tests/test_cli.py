@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
 from conftest import CEMENT, ROOT
 
 STUDIOS = [sys.executable, "-m", "pipeline.cli"]
@@ -25,7 +24,7 @@ def studios(*args: str | Path, cwd: Path | None = None, check: bool = True) -> s
 
 
 def _subcommands() -> list[list[str]]:
-    from pipeline.cli import build_parser
+    from pipeline.cli.main import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -35,7 +34,7 @@ def _subcommands() -> list[list[str]]:
 
 @pytest.mark.parametrize("cmd", _subcommands(), ids=lambda c: " ".join(c))
 def test_every_subcommand_has_help(cmd, capsys):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     with pytest.raises(SystemExit) as info:
         main([*cmd, "--help"])

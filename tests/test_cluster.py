@@ -18,14 +18,14 @@ import torch
 import zarr
 from conftest import CEMENT, ROOT, make_scan
 
-from pipeline import cluster as cl
-from pipeline.bundle import init_bundle, save_bundle
-from pipeline.cluster import ClusterSpec, activation_bytes_per_voxel, choose_block, model_widths
-from pipeline.config import cluster_spec_from_file
-from pipeline.errors import ClusterError, ConfigError, InputError
-from pipeline.executors import DaskExecutor, RunOutcome
-from pipeline.inference import forward, numerics, to_labels
-from pipeline.segment import segment
+from pipeline.compute import cluster as cl
+from pipeline.compute.cluster import ClusterSpec, activation_bytes_per_voxel, choose_block, model_widths
+from pipeline.compute.executors import DaskExecutor, RunOutcome
+from pipeline.core.config import cluster_spec_from_file
+from pipeline.core.errors import ClusterError, ConfigError, InputError
+from pipeline.io.bundle import init_bundle, save_bundle
+from pipeline.segment.predict import forward, numerics, to_labels
+from pipeline.segment.run import segment
 
 SMALL = {"channels": 4, "dilations": [1, 2], "head": 4}
 STUDIOS = [sys.executable, "-m", "pipeline.cli"]
@@ -273,9 +273,9 @@ def test_segment_picks_cuda_and_gpu_block_for_a_cuda_cluster(monkeypatch, tmp_pa
         seen.update(job=job, blocks=blocks, cluster=cluster)
         return RunOutcome()
 
-    monkeypatch.setattr("pipeline.segment.preflight", lambda spec: None)
-    monkeypatch.setattr("pipeline.segment._dispatch", dispatch)
-    monkeypatch.setattr("pipeline.gpu.gpu_free_memory", lambda: [3 * 2**30, 2 * 2**30])
+    monkeypatch.setattr("pipeline.segment.run.preflight", lambda spec: None)
+    monkeypatch.setattr("pipeline.segment.run._dispatch", dispatch)
+    monkeypatch.setattr("pipeline.compute.cuda.gpu_free_memory", lambda: [3 * 2**30, 2 * 2**30])
     segment(scan, model, tmp_path / "o.zarr", cluster=ClusterSpec(kind="cuda"), chunks=(8, 8, 8), precision="bf16")
     job = seen["job"]
     assert job.device == "cuda" and job.precision == "bf16"
@@ -326,7 +326,7 @@ def test_gpu_resource_keeps_blocks_off_cpu_workers():
     """A real scheduler with one GPU-resource worker and one plain worker."""
     from distributed import Client, Scheduler, SpecCluster, Worker, get_worker
 
-    from pipeline.tiling import plan_blocks
+    from pipeline.core.tiling import plan_blocks
 
     def where(job: Any, block: Any) -> dict[str, Any]:
         return {"id": block.id, "worker": get_worker().name}
@@ -351,7 +351,7 @@ def test_device_cuda_without_gpu_is_refused_before_output(tmp_path, scan_and_mod
     scan, model = scan_and_model
     if torch.cuda.is_available():  # pragma: no cover
         pytest.skip("a GPU is present")
-    from pipeline.executors import SerialExecutor
+    from pipeline.compute.executors import SerialExecutor
 
     with pytest.raises(ConfigError, match="no CUDA device"):
         segment(scan, model, tmp_path / "o.zarr", executor=SerialExecutor(), device="cuda")
@@ -436,7 +436,7 @@ def test_bf16_autocast_stays_close_to_fp32_on_a_real_volume():
 
 def test_precision_is_checked(tmp_path, scan_and_model):
     scan, model = scan_and_model
-    from pipeline.executors import SerialExecutor
+    from pipeline.compute.executors import SerialExecutor
 
     with pytest.raises(InputError, match="exact=True needs precision fp32"):
         segment(scan, model, tmp_path / "a.zarr", executor=SerialExecutor(), exact=True, precision="bf16")
@@ -447,7 +447,7 @@ def test_precision_is_checked(tmp_path, scan_and_model):
 
 def test_bf16_segment_runs_serially(tmp_path, scan_and_model):
     scan, model = scan_and_model
-    from pipeline.executors import SerialExecutor
+    from pipeline.compute.executors import SerialExecutor
 
     r = segment(scan, model, tmp_path / "s.zarr", block=16, executor=SerialExecutor(), precision="bf16", qc=False)
     assert r.blocks_done == r.blocks_total
@@ -458,7 +458,7 @@ def test_bf16_segment_runs_serially(tmp_path, scan_and_model):
 def test_cuda_cluster_segments_like_cpu(tmp_path, scan_and_model):  # pragma: no cover - GPU machines
     pytest.importorskip("dask_cuda")
     scan, model = scan_and_model
-    from pipeline.executors import SerialExecutor
+    from pipeline.compute.executors import SerialExecutor
 
     segment(scan, model, tmp_path / "cpu.zarr", block=16, executor=SerialExecutor())
     r = segment(scan, model, tmp_path / "gpu.zarr", cluster=ClusterSpec(kind="cuda"), exact=True)

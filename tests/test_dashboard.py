@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())"]  # = `studios`
+CLI = [sys.executable, "-c", "import sys; from pipeline.cli.main import main; sys.exit(main())"]  # = `studios`
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 EVIL = "<script>alert(1)</script>"
 
@@ -38,9 +38,9 @@ def _free_port() -> int:
 
 def _segmented(folder: Path, model: Path) -> Path:
     """A small ingested + segmented scan in ``folder`` (in-process, serial: no cluster needed)."""
-    from pipeline.executors import SerialExecutor
-    from pipeline.ingest import ingest_array
-    from pipeline.segment import segment
+    from pipeline.compute.executors import SerialExecutor
+    from pipeline.ingest.run import ingest_array
+    from pipeline.segment.run import segment
 
     folder.mkdir(parents=True)
     volume = np.random.default_rng(3).integers(0, 255, (16, 16, 16), dtype=np.uint8)
@@ -54,9 +54,9 @@ def scans_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import zarr
 
     from flows.runstate import RunStatus
-    from pipeline.bundle import init_bundle, save_bundle
-    from pipeline.qc import run_qc
-    from pipeline.store import set_studios_attrs
+    from pipeline.io.bundle import init_bundle, save_bundle
+    from pipeline.io.store import set_studios_attrs
+    from pipeline.qc.run import run_qc
 
     base = tmp_path_factory.mktemp("dash")
     root = base / "processed"

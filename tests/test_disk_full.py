@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import CEMENT, ROOT
 
 ENV = {**os.environ, "DO_NOT_TRACK": "1"}
@@ -31,7 +30,7 @@ def small_disk(tmp_path) -> Iterator[tuple[Path, list[str]]]:
         subprocess.run(["umount", str(mnt)], check=False)
     else:
         limit = "import resource,runpy,sys; resource.setrlimit(resource.RLIMIT_FSIZE,(200000,200000)); "
-        code = limit + "sys.argv=['studios']+sys.argv[1:]; runpy.run_module('pipeline.cli', run_name='__main__')"
+        code = limit + "sys.argv=['studios']+sys.argv[1:]; runpy.run_module('pipeline.cli.main', run_name='__main__')"
         yield mnt, [sys.executable, "-c", code]
 
 

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import CEMENT, make_scan, position_volume
-from pipeline.bundle import from_model, init_bundle, save_bundle
-from pipeline.cluster import ClusterSpec
-from pipeline.executors import SerialExecutor
-from pipeline.inference import predict_volume, to_labels, top2_margin
+
+from pipeline.compute.cluster import ClusterSpec
+from pipeline.compute.executors import SerialExecutor
+from pipeline.io.bundle import from_model, init_bundle, save_bundle
+from pipeline.io.store import open_image
 from pipeline.models import ARCHITECTURES, StridefreeModel, register
-from pipeline.segment import segment
-from pipeline.store import open_image
+from pipeline.segment.predict import predict_volume, to_labels, top2_margin
+from pipeline.segment.run import segment
 
 SHAPE = (37, 41, 43)
 TOL = 1e-5
@@ -109,8 +109,8 @@ def test_position_encoding_input_with_dilated_net(tmp_path, block, exact):
 
 def test_dilated_net_float_probabilities_exact_and_rounding(rng):
     """In memory: blockwise float probabilities vs whole-volume (bit-identical when exact)."""
-    from pipeline.inference import forward, numerics, read_padded
-    from pipeline.tiling import plan_blocks
+    from pipeline.core.tiling import plan_blocks
+    from pipeline.segment.predict import forward, numerics, read_padded
 
     torch.manual_seed(0)
     model = ARCHITECTURES["dilated_resnet"](classes=3, channels=8, dilations=(1, 2, 4, 1)).eval()
@@ -126,7 +126,7 @@ def test_dilated_net_float_probabilities_exact_and_rounding(rng):
 
 def test_real_tomogram_three_block_sizes_identical_on_dask(tmp_path, dask_address):
     """The issue's check: a real scan, two block sizes and one block, on a LocalCluster."""
-    from pipeline.ingest import ingest
+    from pipeline.ingest.run import ingest
 
     scan = tmp_path / "scan.zarr"
     ingest(CEMENT, scan)

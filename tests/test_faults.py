@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
 from conftest import CEMENT, ROOT
-from pipeline.bundle import init_bundle, save_bundle
-from pipeline.cluster import ClusterSpec
-from pipeline.executors import SerialExecutor
-from pipeline.ingest import ingest
-from pipeline.segment import segment
+
+from pipeline.compute.cluster import ClusterSpec
+from pipeline.compute.executors import SerialExecutor
+from pipeline.ingest.run import ingest
+from pipeline.io.bundle import init_bundle, save_bundle
+from pipeline.segment.run import segment
 
 ENV = {**os.environ, "DO_NOT_TRACK": "1"}
 
@@ -116,7 +116,7 @@ def test_hanging_block_times_out_and_is_retried(inputs, tmp_path, dask_address):
 
 
 def test_hanging_block_without_retries_fails_with_its_id(inputs, tmp_path, dask_address):
-    from pipeline.errors import BlockFailedError
+    from pipeline.core.errors import BlockFailedError
 
     with pytest.raises(BlockFailedError, match=r"\(1-1-1\).*TimeoutError: no result after 15s"):
         segment(inputs / "scan.zarr", inputs / "model", tmp_path / "out.zarr", block=64, retries=0, timeout=15.0,
@@ -126,7 +126,7 @@ def test_hanging_block_without_retries_fails_with_its_id(inputs, tmp_path, dask_
 def test_corrupted_input_chunk_is_named(inputs, tmp_path):
     import shutil
 
-    from pipeline.errors import BlockFailedError
+    from pipeline.core.errors import BlockFailedError
 
     scan = tmp_path / "scan.zarr"
     shutil.copytree(inputs / "scan.zarr", scan)
@@ -135,7 +135,7 @@ def test_corrupted_input_chunk_is_named(inputs, tmp_path):
     with pytest.raises(BlockFailedError, match=r"0-0-0.*could not be read.*re-ingest the scan"):
         segment(scan, inputs / "model", tmp_path / "out.zarr", block=64, executor=SerialExecutor(retries=0), qc=False)
     # ingest from the damaged zarr names it too
-    from pipeline.errors import InputError
+    from pipeline.core.errors import InputError
 
     with pytest.raises(InputError, match="could not be read.*damaged"):
         ingest(scan, tmp_path / "again.zarr")

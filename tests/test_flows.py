@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())"]  # = `studios`
+CLI = [sys.executable, "-c", "import sys; from pipeline.cli.main import main; sys.exit(main())"]  # = `studios`
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -128,7 +128,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
 
 
 def tiny_model(path: Path) -> Path:
-    from pipeline.bundle import init_bundle, save_bundle
+    from pipeline.io.bundle import init_bundle, save_bundle
 
     save_bundle(init_bundle(classes=("dark", "bright"), params={"channels": 4, "dilations": [1], "head": 4}), path)
     return path
@@ -147,8 +147,8 @@ def write_slices(folder: Path, start: int, stop_: int, n: int = 24) -> None:
 
 
 def test_profiles_in_configs_are_valid(tmp_path: Path) -> None:
-    from pipeline.config import load_yaml
-    from pipeline.runconfig import ClusterOptions, load_run_config
+    from pipeline.core.config import load_yaml
+    from pipeline.core.runconfig import ClusterOptions, load_run_config
 
     demo = load_run_config(ROOT / "configs" / "demo.yaml")  # files checked: the bundled scan exists
     assert Path(demo.source or "").is_file() and demo.model is not None and demo.model.kind == "train"
@@ -188,7 +188,7 @@ def test_profiles_in_configs_are_valid(tmp_path: Path) -> None:
 )
 def test_bad_profile_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
                                        expected: str) -> None:
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
@@ -323,7 +323,7 @@ def test_demo_profile_runs_on_server(prefect_server: Server, tmp_path: Path) -> 
     progress = arts["segment-progress-cement-demo"]
     assert progress["type"] == "progress" and float(progress["data"]) == 100.0
     assert "8/8 blocks" in progress["description"]
-    assert {"pipeline.ingest", "pipeline.qc"} <= prefect_server.log_names(run_id)  # library logs in the run
+    assert {"pipeline.ingest.run", "pipeline.qc.run"} <= prefect_server.log_names(run_id)  # library logs in the run
 
 
 @pytest.mark.prefect_server
@@ -387,7 +387,7 @@ qc: {{enabled: false}}   # QC through a server is covered by the demo test
         assert json.loads((out / "scan_a" / "studios-run.json").read_text())["flow_run_id"] == status_a["flow_run_id"]
         firing2 = {a["key"]: a for a in prefect_server.artifacts(second)}["watch-folder"]["data"]
         assert "1 processed now" in firing2 and "scan_b" in firing2
-        from pipeline.store import open_image
+        from pipeline.io.store import open_image
 
         assert open_image(out / "scan_b" / "seg.zarr", kind="segmentation").shape == (24, 24, 24)
     except (AssertionError, KeyError, FileNotFoundError) as exc:  # keep what the server saw with the failure

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import GeometryError
-from pipeline.geometry import Box
-from pipeline.tiling import Block, check_alignment, plan_blocks
+from pipeline.core.errors import GeometryError
+from pipeline.core.geometry import Box
+from pipeline.core.tiling import Block, check_alignment, plan_blocks
 
 dims = st.tuples(*(st.integers(1, 23),) * 3)
 halos = st.integers(0, 6)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-
 from conftest import CEMENT
-from pipeline.errors import InputError, OutputExistsError
-from pipeline.ingest import ingest
-from pipeline.normalize import compute_stats
-from pipeline.store import open_image
+
+from pipeline.core.errors import InputError, OutputExistsError
+from pipeline.core.normalize import compute_stats
+from pipeline.ingest.run import ingest
+from pipeline.io.store import open_image
 
 SHAPE = (9, 20, 23)
 
@@ -230,7 +230,7 @@ def test_output_inside_input(tmp_path, rng):
 @pytest.mark.parametrize("dtype", ["uint8", "int16", "uint16", "float32"])
 def test_stats_in_pieces_match_numpy(monkeypatch, rng, dtype):
     """Slabs are accumulated in small pieces (bounded temporaries); the figures do not change."""
-    import pipeline.normalize as normalize
+    import pipeline.core.normalize as normalize
 
     monkeypatch.setattr(normalize, "_PIECE", 1000)
     if dtype == "float32":
@@ -252,7 +252,7 @@ def test_stats_in_pieces_match_numpy(monkeypatch, rng, dtype):
 @pytest.mark.parametrize(("method", "workers"), [("mean", 1), ("mean", 3), ("nearest", 2)])
 def test_tiled_pyramid_equals_downsampling_the_whole_level(tmp_path, rng, method, workers):
     """Levels are built in tiles of 2 chunks per axis (odd shapes, several tiles per axis)."""
-    from pipeline.store import build_pyramid, create_array, downsample
+    from pipeline.io.store import build_pyramid, create_array, downsample
 
     vol = rng.integers(0, 60000, size=(45, 37, 70)).astype(np.uint16)
     group = zarr.open_group(str(tmp_path / "p.zarr"), mode="w")
@@ -266,7 +266,7 @@ def test_tiled_pyramid_equals_downsampling_the_whole_level(tmp_path, rng, method
 
 
 def test_mean_downsample_is_the_mean_of_the_voxels_present(rng):
-    from pipeline.store import downsample
+    from pipeline.io.store import downsample
 
     vol = rng.integers(0, 65535, size=(5, 4, 7)).astype(np.uint16)
     out = downsample(vol, method="mean")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score, f1_score, jaccard_score
 
-from pipeline.errors import InputError
-from pipeline.metrics import confusion_matrix, scores
+from pipeline.core.errors import InputError
+from pipeline.core.metrics import confusion_matrix, scores
 
 
 def test_scores_match_sklearn() -> None:

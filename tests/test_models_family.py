@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
-from pipeline.errors import ModelError
+from pipeline.core.errors import ModelError
 from pipeline.models import ARCHITECTURES, DEFAULT_ARCH, StridefreeModel, build_model
 from pipeline.models.dilated import DilatedResNet
 from pipeline.models.filterbank import FilterBankMLP, gaussian_radius, gaussian_taps, symmetric3_eigvals

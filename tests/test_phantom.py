@@ -1,12 +1,12 @@
-"""Tests for :mod:`pipeline.phantom` (synthetic fibre-composite tomograms)."""
+"""Tests for :mod:`pipeline.testing.phantom` (synthetic fibre-composite tomograms)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.phantom import ATTENUATION, CLASSES, Phantom, make_annotations, make_phantom, to_uint16
+from pipeline.core.errors import InputError
+from pipeline.testing.phantom import ATTENUATION, CLASSES, Phantom, make_annotations, make_phantom, to_uint16
 
 SHAPE = (24, 48, 48)
 

@@ -22,17 +22,17 @@ import zarr
 from conftest import ROOT, make_scan
 from scipy import ndimage
 
-from pipeline.bundle import ModelBundle, from_model, save_bundle
-from pipeline.cli import main
-from pipeline.errors import BlockFailedError, InputError
-from pipeline.executors import SerialExecutor
+from pipeline.cli.main import main
+from pipeline.compute.executors import SerialExecutor
+from pipeline.core.errors import BlockFailedError, InputError
+from pipeline.core.normalize import Normalization
+from pipeline.io.bundle import ModelBundle, from_model, save_bundle
+from pipeline.io.store import open_image
 from pipeline.models.dilated import DilatedResNet
-from pipeline.normalize import Normalization
-from pipeline.phantom import make_phantom
-from pipeline.qc import SCHEMA, run_qc
-from pipeline.report import SECTIONS
-from pipeline.segment import segment
-from pipeline.store import open_image
+from pipeline.qc.report import SECTIONS
+from pipeline.qc.run import SCHEMA, run_qc
+from pipeline.segment.run import segment
+from pipeline.testing.phantom import make_phantom
 
 SHAPE = (40, 48, 56)
 BLOCK = 16
@@ -223,11 +223,11 @@ def test_bad_inputs_are_one_line_errors(phantom_run: dict[str, Any], capsys: pyt
 
 def test_qc_json_keys_are_documented(full_qc: Any) -> None:
     doc = (ROOT / "docs" / "qc.md").read_text()
-    import pipeline.qc as qc
+    import pipeline.qc.run as qc
 
     for key in full_qc.data:
         assert f"`{key}`" in doc, f"qc.json key {key!r} is not documented in docs/qc.md"
-        assert key in (qc.__doc__ or ""), f"qc.json key {key!r} is not in the pipeline.qc docstring"
+        assert key in (qc.__doc__ or ""), f"qc.json key {key!r} is not in the pipeline.qc.run docstring"
 
 
 @pytest.mark.browser
@@ -254,9 +254,9 @@ def test_report_renders_in_headless_chromium(full_qc: Any, tmp_path: Path) -> No
 
 
 def test_warnings_in_plain_words() -> None:
-    from pipeline.qc_warnings import confidence_drop as _confidence_drop
-    from pipeline.qc_warnings import drift as _drift
-    from pipeline.qc_warnings import pct as _pct
+    from pipeline.qc.warnings import confidence_drop as _confidence_drop
+    from pipeline.qc.warnings import drift as _drift
+    from pipeline.qc.warnings import pct as _pct
 
     assert _confidence_drop([0.95] * 30 + [0.7] * 10, "z") == (
         "confidence drops at z >= 30 (mean max probability 0.70 vs 0.95 elsewhere); annotate there next")

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
-
 from conftest import make_scan
-from pipeline.bundle import init_bundle, save_bundle
-from pipeline.errors import BlockFailedError, InputError, LedgerMismatchError, LockError, OutputExistsError
-from pipeline.executors import SerialExecutor
-from pipeline.ledger import Ledger
-from pipeline.progress import RecordingReporter
-from pipeline.segment import segment
-from pipeline.store import open_image
+
+from pipeline.compute.executors import SerialExecutor
+from pipeline.core.errors import BlockFailedError, InputError, LedgerMismatchError, LockError, OutputExistsError
+from pipeline.core.progress import RecordingReporter
+from pipeline.io.bundle import init_bundle, save_bundle
+from pipeline.io.store import open_image
+from pipeline.segment.ledger import Ledger
+from pipeline.segment.run import segment
 
 SMALL = {"channels": 4, "dilations": [1, 2], "head": 4}
 
@@ -92,7 +92,7 @@ def test_block_that_fails_once_is_retried(tmp_path, scan, model):
 
 
 def test_block_retried_on_dask(tmp_path, scan, model, dask_address):
-    from pipeline.cluster import ClusterSpec
+    from pipeline.compute.cluster import ClusterSpec
 
     r = segment(scan, model, tmp_path / "s.zarr", block=16, cluster=ClusterSpec(kind="address", address=dask_address),
                 retries=1, fail_first_attempt=("0-0-1", "1-1-2"))

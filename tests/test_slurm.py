@@ -30,11 +30,11 @@ import yaml
 import zarr
 from conftest import CEMENT, ROOT, make_scan
 
-from pipeline.bundle import init_bundle, save_bundle
-from pipeline.cluster import ClusterSpec, open_client, squeue_jobs
-from pipeline.errors import ClusterError
-from pipeline.executors import SerialExecutor
-from pipeline.segment import segment
+from pipeline.compute.cluster import ClusterSpec, open_client, squeue_jobs
+from pipeline.compute.executors import SerialExecutor
+from pipeline.core.errors import ClusterError
+from pipeline.io.bundle import init_bundle, save_bundle
+from pipeline.segment.run import segment
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 

@@ -20,16 +20,16 @@ from conftest import ROOT, make_scan
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.annotations import Annotations, from_array, load_annotations, parse_slice_spec
-from pipeline.bundle import load_bundle
-from pipeline.errors import ConfigError, InputError, OutputExistsError
-from pipeline.executors import SerialExecutor
-from pipeline.inference import predict_volume, to_labels
+from pipeline.compute.executors import SerialExecutor
+from pipeline.core.errors import ConfigError, InputError, OutputExistsError
+from pipeline.core.progress import RecordingReporter
+from pipeline.io.bundle import load_bundle
+from pipeline.io.store import open_image
 from pipeline.models import ARCHITECTURES
-from pipeline.progress import RecordingReporter
-from pipeline.segment import segment
-from pipeline.store import open_image
-from pipeline.train import train
+from pipeline.segment.predict import predict_volume, to_labels
+from pipeline.segment.run import segment
+from pipeline.train.annotations import Annotations, from_array, load_annotations, parse_slice_spec
+from pipeline.train.loop import train
 
 SHAPE = (20, 34, 38)
 TINY = {"channels": 4, "dilations": [1, 2], "head": 0}
@@ -152,7 +152,7 @@ def test_validation_errors_name_the_file(tmp_path, data, monkeypatch):
     with pytest.raises(InputError) as exc:  # more classes in the data than named
         load_annotations(tmp_path / "whole.npy", SHAPE, classes=1)
     _error(exc, "whole.npy")
-    monkeypatch.setattr("pipeline.annotations.MAX_LABELLED", 100)  # dense labels are refused
+    monkeypatch.setattr("pipeline.train.annotations.MAX_LABELLED", 100)  # dense labels are refused
     with pytest.raises(InputError) as exc:
         load_annotations(tmp_path / "whole.npy", SHAPE)
     assert "sparse" in _error(exc, "whole.npy")
@@ -186,7 +186,7 @@ def test_missing_class_warns_and_is_recorded(tmp_path, data, caplog):
     vol = sparse(data["labels"])
     vol[vol == 2] = 3  # classes 1 and 3 labelled, 2 never
     np.save(tmp_path / "gap.npy", vol)
-    with caplog.at_level(logging.WARNING, logger="pipeline.annotations"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.annotations"):
         ann = load_annotations(tmp_path / "gap.npy", SHAPE)
     assert ann.missing == (2,) and ann.counts[1] == 0 and ann.to_json()["missing_classes"] == [2]
     assert any("class 2" in r.getMessage() and "gap.npy" in r.getMessage() for r in caplog.records)
@@ -244,7 +244,7 @@ def test_every_registered_architecture_trains(data, arch):
 
 
 def test_more_class_names_than_labels_warns_and_trains(data, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.loop"):
         result = train(data["scan"], data["ann"], data["tmp"] / "three", classes=("a", "b", "c"), epochs=1,
                        **{**FAST, "steps_per_epoch": 1})
     assert any("class 3 (c)" in r.getMessage() for r in caplog.records)
@@ -266,7 +266,7 @@ def test_training_option_errors(data):
 
 
 def test_cli_help(capsys):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(["train", "--help"])

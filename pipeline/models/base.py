@@ -4,7 +4,7 @@ A studios model is a *valid* operator: it takes ``(N, C_in, Z, Y, X)`` float32 a
 ``(N, K, Z - 2h, Y - 2h, X - 2h)`` float32 logits, where ``h`` is its :attr:`halo`, the radius
 of its receptive field. It has no stride, no pooling and no normalisation over space, so its
 output at a voxel depends only on the input within ``h`` voxels of it. Padding never happens
-inside a model: the caller pads the volume border (see :mod:`pipeline.inference`), which is
+inside a model: the caller pads the volume border (see :mod:`pipeline.segment.predict`), which is
 what makes blockwise output equal to whole-volume output.
 """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.errors import ModelError
+from pipeline.core.errors import ModelError
 from pipeline.models.base import StridefreeModel
 from pipeline.models.dilated import DilatedResNet
 from pipeline.models.filterbank import FilterBankMLP

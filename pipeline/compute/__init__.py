@@ -1,0 +1,1 @@
+"""Where blocks run: executors (serial, Dask), clusters (local, existing scheduler, SLURM, CUDA)."""

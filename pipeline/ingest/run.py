@@ -1,0 +1,217 @@
+"""Ingest: a reconstruction in any supported format -> a studios OME-Zarr scan.
+
+One streaming pass, slab by slab along z, several slabs in flight on a thread pool: each slab
+is read, checked for NaN/Inf, added to the global intensity statistics and written to its own
+z-range of chunks (slabs are chunk-aligned, so no two threads touch one chunk). Peak memory is
+about ``(workers + 1)`` slabs, independent of the volume size. The output is built under a
+temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.core.errors import InputError, StudiosError
+from pipeline.core.normalize import IntensityStats, StatsAccumulator
+from pipeline.core.progress import NullReporter, Reporter
+from pipeline.io.outputs import OutputLock, atomic_directory, check_output, storage_error
+from pipeline.io.sources import Source, open_source
+from pipeline.io.store import (
+    DEFAULT_CHUNKS,
+    build_pyramid,
+    create_array,
+    create_group,
+    fit_chunks,
+    multiscales,
+    set_studios_attrs,
+)
+
+logger = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("error", "zero")
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    path: Path
+    shape: tuple[int, int, int]
+    dtype: str
+    stats: IntensityStats
+    levels: int
+    nonfinite: int
+
+
+def ingest(
+    source: str | os.PathLike[str] | Source,
+    output: str | os.PathLike[str],
+    *,
+    chunks: Sequence[int] = DEFAULT_CHUNKS,
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    unit: str = "micrometer",
+    workers: int = 2,
+    nonfinite: str = "error",
+    overwrite: bool = False,
+    pyramid: bool = True,
+    reporter: Reporter | None = None,
+    raw_shape: Sequence[int] | None = None,
+    raw_dtype: str | None = None,
+    byte_order: str = "<",
+    raw_offset: int = 0,
+) -> IngestResult:
+    """Convert a reconstruction to ``output`` (a zarr v3 OME-Zarr scan).
+
+    Args:
+        source: path (see :func:`pipeline.io.sources.open_source`) or an opened source.
+        output: the ``.zarr`` directory to create.
+        chunks: (z, y, x) chunk shape; the slab height is ``chunks[0]``.
+        voxel_size: (z, y, x) physical voxel size in ``unit``.
+        workers: slabs processed concurrently.
+        nonfinite: ``"error"`` (refuse NaN/Inf, the default) or ``"zero"`` (replace by 0 and
+            record the count in the provenance). Float scans only.
+        overwrite: replace an existing output (atomically, only once the new one is complete).
+
+    Returns:
+        What was written, including the global statistics.
+    """
+    reporter = reporter or NullReporter()
+    out = Path(output)
+    if nonfinite not in NONFINITE_POLICIES:
+        raise InputError(f"nonfinite policy {nonfinite!r} is unknown; use one of {', '.join(NONFINITE_POLICIES)}")
+    if len(voxel_size) != 3 or any(not (float(v) > 0) for v in voxel_size):
+        raise InputError(f"voxel size {tuple(voxel_size)} must be three positive numbers (z y x)")
+    if len(chunks) != 3 or any(int(c) < 1 for c in chunks):
+        raise InputError(f"chunk shape {tuple(chunks)} must be three positive integers (z y x)")
+    src = (
+        source
+        if not isinstance(source, str | os.PathLike)
+        else open_source(source, shape=raw_shape, dtype=raw_dtype, byte_order=byte_order, offset=raw_offset)
+    )
+    check_output(out, inputs=[src.path], overwrite=overwrite)
+    chunk_shape = fit_chunks(chunks, src.shape)
+    slab = chunk_shape[0]
+    starts = list(range(0, src.shape[0], slab))
+    logger.info("ingest %s (%s, %s %s) -> %s", src.path, src.format, src.shape, src.dtype.name, out)
+
+    try:
+        return _write(src, out, chunk_shape, slab, starts, voxel_size=voxel_size, unit=unit, workers=workers,
+                      nonfinite=nonfinite, overwrite=overwrite, pyramid=pyramid, reporter=reporter)
+    except StudiosError:
+        raise
+    except OSError as exc:
+        raise storage_error(out, exc) from None
+
+
+def _write(
+    src: Source,
+    out: Path,
+    chunk_shape: tuple[int, ...],
+    slab: int,
+    starts: list[int],
+    *,
+    voxel_size: Sequence[float],
+    unit: str,
+    workers: int,
+    nonfinite: str,
+    overwrite: bool,
+    pyramid: bool,
+    reporter: Reporter,
+) -> IngestResult:
+    with OutputLock(out), atomic_directory(out, overwrite=overwrite) as tmp:
+        group = create_group(tmp)
+        array = create_array(group, "0", shape=src.shape, dtype=src.dtype, chunks=chunk_shape)
+        set_studios_attrs(group, kind="scan", complete=False)
+        total = StatsAccumulator(src.dtype)
+        bad = 0
+
+        def work(z0: int) -> tuple[StatsAccumulator, int]:
+            try:
+                data = src.read(z0, min(z0 + slab, src.shape[0]))
+            except StudiosError:
+                raise
+            except Exception as exc:  # decoder errors of corrupted inputs come in many types
+                raise InputError(
+                    f"{src.path}: slab z={z0}.. could not be read ({type(exc).__name__}: {exc}); "
+                    "the file is damaged, re-export it"
+                ) from None
+            count = 0
+            if data.dtype.kind == "f":
+                finite = np.isfinite(data)
+                count = int(data.size - np.count_nonzero(finite))
+                if count and nonfinite == "error":
+                    z_bad = z0 + int(np.argmin(finite.reshape(data.shape[0], -1).all(axis=1)))
+                    raise InputError(
+                        f"{src.path}: holds {count} NaN/Inf voxels in slab z={z0}.. (first at z={z_bad}); "
+                        "fix the reconstruction or pass --nonfinite zero"
+                    )
+                if count:
+                    data = np.where(finite, data, np.float32(0)).astype(src.dtype)
+            acc = StatsAccumulator(src.dtype)
+            acc.add(data)
+            array[z0 : z0 + data.shape[0]] = data
+            return acc, count
+
+        reporter.start("ingest", len(starts))
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pending: list[Future[tuple[StatsAccumulator, int]]] = []
+            for z0 in starts:
+                pending.append(pool.submit(work, z0))
+                if len(pending) > workers:
+                    acc, count = pending.pop(0).result()
+                    total.merge(acc)
+                    bad += count
+                    reporter.advance(1, voxels=slab * src.shape[1] * src.shape[2])
+            for fut in pending:
+                acc, count = fut.result()
+                total.merge(acc)
+                bad += count
+                reporter.advance(1, voxels=slab * src.shape[1] * src.shape[2])
+        reporter.finish()
+        stats = total.result()
+        levels = build_pyramid(group, method="mean", workers=workers) if pyramid else 1
+        group.attrs["ome"] = {
+            "version": "0.5",
+            "multiscales": [multiscales(levels, voxel_size=voxel_size, unit=unit, name=out.stem)],
+        }
+        set_studios_attrs(
+            group,
+            stats=stats.to_json(),
+            provenance={
+                "source": str(src.path),
+                "format": src.format,
+                "shape": list(src.shape),
+                "dtype": src.dtype.name,
+                "nonfinite_replaced": bad,
+                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "host": socket.gethostname(),
+                "studios_version": __version__,
+            },
+        )
+        set_studios_attrs(group, complete=True)
+    logger.info("ingest done: %s, %d levels, mean %.4g std %.4g", out, levels, stats.mean, stats.std)
+    return IngestResult(path=out, shape=src.shape, dtype=src.dtype.name, stats=stats, levels=levels, nonfinite=bad)
+
+
+def ingest_array(volume: np.ndarray[Any, Any], output: str | os.PathLike[str], **kwargs: Any) -> IngestResult:
+    """Ingest an in-memory (Z, Y, X) array (tests, demos, notebooks)."""
+    from pipeline.io.sources import ArraySource
+
+    src = ArraySource.__new__(ArraySource)
+    src.path = Path("<memory>")
+    src.format = "memory"
+    src._array = volume
+    src.shape = tuple(int(s) for s in volume.shape)  # type: ignore[assignment]
+    if volume.ndim != 3:
+        raise InputError(f"<memory>: array has shape {volume.shape}; a (z, y, x) volume is needed")
+    src.dtype = np.dtype(volume.dtype)
+    return ingest(src, output, **kwargs)
