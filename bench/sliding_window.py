@@ -60,7 +60,8 @@ def blockwise_in_memory(
 ) -> np.ndarray:
     """studios' per-block path (read_padded + forward) over an in-memory volume, assembled."""
     from pipeline.core.tiling import plan_blocks
-    from pipeline.segment.predict import forward, numerics, read_padded
+    from pipeline.io.store import read_padded
+    from pipeline.segment.predict import forward, numerics
 
     out = np.empty((model.classes, *volume.shape), dtype=np.float32)
     with numerics(exact=exact):

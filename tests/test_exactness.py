@@ -110,7 +110,8 @@ def test_position_encoding_input_with_dilated_net(tmp_path, block, exact):
 def test_dilated_net_float_probabilities_exact_and_rounding(rng):
     """In memory: blockwise float probabilities vs whole-volume (bit-identical when exact)."""
     from pipeline.core.tiling import plan_blocks
-    from pipeline.segment.predict import forward, numerics, read_padded
+    from pipeline.io.store import read_padded
+    from pipeline.segment.predict import forward, numerics
 
     torch.manual_seed(0)
     model = ARCHITECTURES["dilated_resnet"](classes=3, channels=8, dilations=(1, 2, 4, 1)).eval()

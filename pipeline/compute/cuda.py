@@ -1,8 +1,8 @@
 """GPU workers: dask-cuda's LocalCUDACluster and block sizes from free GPU memory.
 
 One Dask worker per visible GPU, each advertising the Dask resource ``GPU=1`` (blocks ask for
-it, so they run only on GPU workers); :func:`activation_bytes_per_voxel` and
-:func:`choose_block` size blocks from free GPU memory (NVML, without a CUDA context here).
+it, so they run only on GPU workers); :func:`auto_block` sizes blocks from free GPU memory
+(NVML, without a CUDA context here).
 ``dask_cuda`` is imported only on demand; without it or without a GPU the errors are one line.
 """
 
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.errors import ClusterError, ConfigError, one_line
+from pipeline.core.errors import ClusterError, one_line
+from pipeline.core.tiling import choose_block
+from pipeline.models.footprint import activation_bytes_per_voxel, model_widths
 
 if TYPE_CHECKING:
     from pipeline.compute.cluster import ClusterSpec
@@ -104,95 +105,7 @@ def gpu_free_memory() -> list[int]:
     return [int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())]
 
 
-def model_widths(model: Any) -> list[int]:
-    """Channel widths of the feature maps a model computes, input first, in layer order.
 
-    Reads ``in_channels``, then ``n_features`` (filter banks) if the model has it, then the
-    ``out_channels`` of every layer that has one (``Conv3d``, rotation-invariant convs, ...).
-    """
-    widths = [int(getattr(model, "in_channels", 1))]
-    if getattr(model, "n_features", None):
-        widths.append(int(model.n_features))
-    for module in model.modules():
-        if module is model:
-            continue
-        out = getattr(module, "out_channels", None)
-        if isinstance(out, int) and out > 0:
-            widths.append(out)
-    return widths
-
-
-def activation_bytes_per_voxel(
-    widths: Sequence[int], *, classes: int, element_bytes: int = 4, overhead: float = 1.5
-) -> float:
-    """Peak device bytes per voxel of the read box during one block's forward pass.
-
-    Counted: a layer's input and output at once (the widest consecutive pair), one more
-    feature map of the widest width (residual sums and activations that are not in place),
-    the float32 input, and three float32 copies of the class maps (logits, channels-last copy,
-    softmax); all times ``overhead`` for the allocator's rounding and convolution workspaces.
-
-    Args:
-        widths: channel widths, input first (:func:`model_widths`).
-        classes: K.
-        element_bytes: 4 for float32, 2 under bf16/fp16 autocast.
-    """
-    if not widths:
-        raise ValueError("widths must name at least the input channels")
-    pairs = max((a + b for a, b in zip(widths, widths[1:], strict=False)), default=widths[0])
-    features = (pairs + max(widths)) * element_bytes
-    fp32 = (widths[0] + 3 * classes) * 4
-    return (features + fp32) * overhead
-
-
-def choose_block(
-    free_bytes: int,
-    bytes_per_voxel: float,
-    *,
-    halo: int,
-    chunks: Sequence[int],
-    volume: Sequence[int],
-    fraction: float = 0.8,
-    max_width: int = 1,
-    max_tensor_elements: int = 2**31 - 1,
-) -> tuple[int, int, int]:
-    """The largest near-cubic write block (a multiple of ``chunks`` on each axis) whose read box
-    fits in ``fraction`` of ``free_bytes``.
-
-    Grows the shortest edge by one chunk while the read box ``prod(block + 2 halo)`` fits,
-    never past the chunk multiple that covers the volume, and keeps every feature map below
-    ``max_tensor_elements`` elements (``max_width`` channels; 32-bit indexing in kernels).
-
-    Raises:
-        ConfigError: if not even a block of one chunk fits.
-    """
-    budget = fraction * free_bytes
-    chunks = tuple(int(c) for c in chunks)
-    limit = tuple(-(-int(v) // c) for v, c in zip(volume, chunks, strict=True))  # chunks covering the volume
-
-    def fits(k: Sequence[int]) -> bool:
-        voxels = math.prod(ki * c + 2 * halo for ki, c in zip(k, chunks, strict=True))
-        return voxels * bytes_per_voxel <= budget and voxels * max(1, max_width) <= max_tensor_elements
-
-    k = [1, 1, 1]
-    if not fits(k):
-        need = math.prod(c + 2 * halo for c in chunks) * bytes_per_voxel / fraction
-        raise ConfigError(
-            f"one block of {'x'.join(map(str, chunks))} voxels (+ halo {halo}) needs about {need / 2**30:.2f} GiB "
-            f"of GPU memory, {free_bytes / 2**30:.2f} GiB is free; use smaller --chunks or free the GPU"
-        )
-    growable = [k[i] < limit[i] for i in range(3)]
-    while any(growable):
-        # the shortest growable edge; ties go to the last axis (x: contiguous in memory)
-        axis = min((i for i in range(3) if growable[i]), key=lambda i: (k[i] * chunks[i], -i))
-        trial = list(k)
-        trial[axis] += 1
-        if fits(trial):
-            k = trial
-            growable[axis] = k[axis] < limit[axis]
-        else:
-            growable[axis] = False
-    return (k[0] * chunks[0], k[1] * chunks[1], k[2] * chunks[2])
 
 
 def auto_block(

@@ -23,10 +23,11 @@ Block ids come from the grid index (``"z-y-x"``), so a block keeps its id across
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from pipeline.core.errors import GeometryError
+from pipeline.core.errors import ConfigError, GeometryError
 from pipeline.core.geometry import Box
 
 
@@ -130,3 +131,52 @@ def iter_blocks(
         offset = tuple(i * w for i, w in zip(index, write_shape, strict=True))
         write = Box(offset, write_shape).intersect(volume)
         yield Block(index=tuple(index), write=write, read=write.grow(halos))
+
+def choose_block(
+    free_bytes: int,
+    bytes_per_voxel: float,
+    *,
+    halo: int,
+    chunks: Sequence[int],
+    volume: Sequence[int],
+    fraction: float = 0.8,
+    max_width: int = 1,
+    max_tensor_elements: int = 2**31 - 1,
+) -> tuple[int, int, int]:
+    """The largest near-cubic write block (a multiple of ``chunks`` on each axis) whose read box
+    fits in ``fraction`` of ``free_bytes``.
+
+    Grows the shortest edge by one chunk while the read box ``prod(block + 2 halo)`` fits,
+    never past the chunk multiple that covers the volume, and keeps every feature map below
+    ``max_tensor_elements`` elements (``max_width`` channels; 32-bit indexing in kernels).
+
+    Raises:
+        ConfigError: if not even a block of one chunk fits.
+    """
+    budget = fraction * free_bytes
+    chunks = tuple(int(c) for c in chunks)
+    limit = tuple(-(-int(v) // c) for v, c in zip(volume, chunks, strict=True))  # chunks covering the volume
+
+    def fits(k: Sequence[int]) -> bool:
+        voxels = math.prod(ki * c + 2 * halo for ki, c in zip(k, chunks, strict=True))
+        return voxels * bytes_per_voxel <= budget and voxels * max(1, max_width) <= max_tensor_elements
+
+    k = [1, 1, 1]
+    if not fits(k):
+        need = math.prod(c + 2 * halo for c in chunks) * bytes_per_voxel / fraction
+        raise ConfigError(
+            f"one block of {'x'.join(map(str, chunks))} voxels (+ halo {halo}) needs about {need / 2**30:.2f} GiB "
+            f"of GPU memory, {free_bytes / 2**30:.2f} GiB is free; use smaller --chunks or free the GPU"
+        )
+    growable = [k[i] < limit[i] for i in range(3)]
+    while any(growable):
+        # the shortest growable edge; ties go to the last axis (x: contiguous in memory)
+        axis = min((i for i in range(3) if growable[i]), key=lambda i: (k[i] * chunks[i], -i))
+        trial = list(k)
+        trial[axis] += 1
+        if fits(trial):
+            k = trial
+            growable[axis] = k[axis] < limit[axis]
+        else:
+            growable[axis] = False
+    return (k[0] * chunks[0], k[1] * chunks[1], k[2] * chunks[2])

@@ -27,7 +27,9 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.core.errors import InputError, StorageError
+from pipeline.core.geometry import Box
 from pipeline.core.normalize import IntensityStats
+from pipeline.core.tiling import Block
 
 logger = logging.getLogger(__name__)
 
@@ -243,3 +245,21 @@ def open_image(path: str | os.PathLike[str], *, kind: str | None = None, require
     except (KeyError, IndexError, TypeError):
         logger.debug("%s: no OME scale metadata, assuming unit voxels", path)
     return Image(path=path, array=array, attrs=attrs, voxel_size=voxel)
+
+
+#: Border rule shared by blocks and the whole-volume reference: replicate the edge voxels.
+PAD_MODE = "edge"
+
+def read_padded(array: Any, block: Block, volume_shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+    """Read ``block.read`` from ``array`` (Z, Y, X), edge-padding outside the volume.
+
+    Returns:
+        ``block.read.shape`` array of the source dtype.
+    """
+    volume = Box.from_shape(volume_shape)
+    src = block.source(volume)
+    data = np.asarray(array[src.to_slices()])
+    pad = block.padding(volume)
+    if any(a or b for a, b in pad):
+        data = np.pad(data, pad, mode=PAD_MODE)
+    return data

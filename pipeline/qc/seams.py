@@ -60,11 +60,11 @@ def seam_check(
         out["reason"] = "the scan is not available"
         return out
     from pipeline.io.bundle import load_bundle
+    from pipeline.io.store import read_padded
     from pipeline.segment.predict import (
         forward,
         numerics,
         quantize,
-        read_padded,
         resolve_device,
         to_labels,
         top2_margin,

@@ -26,12 +26,9 @@ import numpy as np
 import torch
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.geometry import Box
 from pipeline.core.normalize import apply_affine
-from pipeline.core.tiling import Block
+from pipeline.io.store import PAD_MODE
 from pipeline.models.base import StridefreeModel
-
-PAD_MODE = "edge"
 
 #: ``precision`` names and the autocast dtype they run the model under (None: plain float32).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,20 +75,6 @@ def autocast(device: torch.device, precision: str = "fp32") -> contextlib.Abstra
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
-
-def read_padded(array: Any, block: Block, volume_shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
-    """Read ``block.read`` from ``array`` (Z, Y, X), edge-padding outside the volume.
-
-    Returns:
-        ``block.read.shape`` array of the source dtype.
-    """
-    volume = Box.from_shape(volume_shape)
-    src = block.source(volume)
-    data = np.asarray(array[src.to_slices()])
-    pad = block.padding(volume)
-    if any(a or b for a, b in pad):
-        data = np.pad(data, pad, mode=PAD_MODE)
-    return data
 
 
 def forward(

@@ -26,9 +26,10 @@ from pipeline.core.errors import DiskFullError, StorageError
 from pipeline.core.geometry import Box
 from pipeline.core.tiling import Block
 from pipeline.io.bundle import load_bundle
+from pipeline.io.store import read_padded
 from pipeline.models.base import StridefreeModel
 from pipeline.segment.ledger import CONF_BINS, BlockRecord, Ledger
-from pipeline.segment.predict import forward, numerics, quantize, read_padded, resolve_device, to_labels
+from pipeline.segment.predict import forward, numerics, quantize, resolve_device, to_labels
 
 logger = logging.getLogger(__name__)
 

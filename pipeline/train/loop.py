@@ -56,9 +56,9 @@ from pipeline.core.normalize import Normalization, apply_affine
 from pipeline.core.progress import NullReporter, Reporter
 from pipeline.core.tiling import Block
 from pipeline.io.bundle import from_model, save_bundle
-from pipeline.io.store import open_image
+from pipeline.io.store import open_image, read_padded
 from pipeline.models import DEFAULT_ARCH, StridefreeModel, build_model
-from pipeline.segment.predict import read_padded, resolve_device
+from pipeline.segment.predict import resolve_device
 from pipeline.train.annotations import AXES, Annotations, load_annotations
 
 logger = logging.getLogger(__name__)
