@@ -1,14 +1,16 @@
-"""Thin Prefect 3 flows over :mod:`pipeline`.
+"""Prefect glue over :mod:`pipeline`: flows, deployments, artifacts, the dashboard app.
 
 Flows parse parameters, call the library and publish artifacts; they never run per-block work
-as Prefect tasks (a stage's blocks run on the Dask cluster given to it). Modules:
+as Prefect tasks (a stage's blocks run on the Dask cluster given to it). The decisions (what is
+reused, which model source, when a scan is complete) live in :mod:`pipeline.service`. Modules:
 
 - :mod:`flows.process`: ``ingest_flow``, ``train_flow``, ``segment_flow``, ``qc_flow`` and
-  ``process_scan`` (ingest -> optional train -> segment -> qc);
-- :mod:`flows.watch`: ``watch_folder``, scheduled processing of new complete scans;
+  ``process_scan`` (ingest -> optional train -> segment -> qc), one Prefect task per stage;
+- :mod:`flows.watch`: ``watch_folder``, one look of :mod:`pipeline.service.incoming` per firing;
 - :mod:`flows.serving`: the deployments (``studios serve`` / ``studios deploy``);
-- :mod:`flows.dashboard`: the monitoring web page (``studios dashboard``), no Prefect import;
-- :mod:`flows.runstate`, :mod:`flows.reporting`, :mod:`flows.logs`: shared helpers.
+- :mod:`flows.artifacts`, :mod:`flows.logs`: progress and summary artifacts, library logs in runs;
+- :mod:`flows.dashboard`: the monitoring web app (``studios dashboard``), no Prefect import;
+- :mod:`flows.cli`: the subcommands ``run``, ``serve``, ``deploy``, ``dashboard``.
 
 Importing this package does nothing; the flows are loaded on first access
 (``from flows import process_scan``).

@@ -1,6 +1,6 @@
 """Subcommands that run the Prefect flows: ``run``, ``serve``, ``deploy``, ``dashboard``.
 
-Registered on :mod:`pipeline.cli.main` through :data:`pipeline.cli.main.PLUGINS`. Nothing here imports
+Registered on :mod:`pipeline.cli.main` through the ``studios.commands`` entry point ``flows``. Nothing here imports
 Prefect until a handler runs, so ``studios --help`` stays fast. Every handler turns Prefect's
 outgoing analytics off (``DO_NOT_TRACK=1``, ``PREFECT_SERVER_ANALYTICS_ENABLED=false``) unless
 the environment says otherwise.
@@ -218,7 +218,7 @@ def _dashboard(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
     if args.refresh < 1:
         raise ConfigError("--refresh must be at least 1 second")
-    from flows.dashboard import run
+    from flows.dashboard.app import run
 
     run(args.root, host=args.host, port=args.port, refresh=args.refresh, prefect_ui=args.prefect_ui)
     return 0

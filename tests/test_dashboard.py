@@ -53,10 +53,10 @@ def _segmented(folder: Path, model: Path) -> Path:
 def scans_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import zarr
 
-    from flows.runstate import RunStatus
     from pipeline.io.bundle import init_bundle, save_bundle
     from pipeline.io.store import set_studios_attrs
     from pipeline.qc.run import run_qc
+    from pipeline.service.runstate import RunStatus
 
     base = tmp_path_factory.mktemp("dash")
     root = base / "processed"
@@ -132,6 +132,26 @@ def _raw_get(url: str, path: str) -> tuple[int, bytes]:
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+def test_dashboard_imports_and_serves_without_prefect(scans_root: Path) -> None:
+    """The app module, its data collection and a page render never import Prefect."""
+    code = (
+        "import sys\n"
+        "from fastapi.testclient import TestClient\n"
+        "from flows.dashboard.app import create_app\n"
+        f"client = TestClient(create_app({str(scans_root)!r}, prefect_api='http://127.0.0.1:9/api'))\n"
+        "page = client.get('/')\n"
+        "assert page.status_code == 200 and 'scan_done' in page.text, page.status_code\n"
+        "scans = client.get('/api/scans').json()['scans']\n"
+        "print(sorted(s['state'] for s in scans))\n"
+        "assert 'prefect' not in sys.modules, 'prefect was imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PYTHONPATH"] = str(ROOT)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("\n")[-2] == "['done', 'failed', 'running', 'waiting']"
 
 
 def test_scans_with_state_progress_and_qc(dashboard: str) -> None:

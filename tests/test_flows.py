@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -200,63 +199,15 @@ def test_bad_profile_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFix
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
-# ---------------------------------------------------------------------------- watcher rules
-
-
-def test_watch_completion_rules_and_claims(tmp_path: Path) -> None:
-    from flows.watch import WatchState, discover, ready_scans
-
-    inc = tmp_path / "incoming"
-    write_slices(inc / "a", 0, 8)
-    (inc / "a.complete").touch()  # the writer's marker
-    write_slices(inc / "b", 0, 4)  # a TIFF stack still being written, no marker
-    np.save(inc / "c.npy", np.zeros((4, 4, 4), np.uint8))  # no marker: must settle
-    (inc / ".hidden.tif").write_bytes(b"x")
-    (inc / "d.tif.part").write_bytes(b"x")
-    found = {c.name: c for c in discover(inc)}
-    assert set(found) == {"a", "b", "c"}
-
-    state = WatchState(tmp_path / "state")
-    with state.edit() as data:
-        ready, waiting = ready_scans(list(found.values()), data, completion="either", settle_seconds=60, now=1000)
-    assert [c.name for c in ready] == ["a"] and set(waiting) == {"b", "c"}
-    write_slices(inc / "b", 4, 5)  # b grows between looks; c does not change
-    with state.edit() as data:
-        ready, _ = ready_scans(discover(inc), data, completion="either", settle_seconds=60, now=1070)
-    assert {c.name for c in ready} == {"a", "c"}  # c settled across two looks; b changed, never picked up
-    with WatchState(tmp_path / "state").edit() as data:  # a restart reads the same looks
-        ready, waiting = ready_scans(discover(inc), data, completion="marker", settle_seconds=0, now=5000)
-    assert {c.name for c in ready} == {"a"} and waiting["b"] == "no completion marker yet"
-
-    # two overlapping firings: exactly one claim wins
-    wins: list[bool] = []
-    barrier = threading.Barrier(6)
-
-    def firing() -> None:
-        barrier.wait()
-        wins.append(WatchState(tmp_path / "state").claim("a", {"scan": "a"}))
-
-    threads = [threading.Thread(target=firing) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(wins) == [False] * 5 + [True]
-
-    # a claim left by a process that died on this host is taken over
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    state.claim_path("b").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
-    assert state.claim("b", {"scan": "b"})
-    assert not state.claim("b", {"scan": "b"})
+# ---------------------------------------------------------------------------- artifacts
 
 
 def test_progress_reporter_is_throttled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """10^4 blocks make a handful of progress updates; the status file carries the same numbers."""
     import prefect.artifacts
 
-    from flows.reporting import ArtifactReporter
-    from flows.runstate import RunStatus
+    from flows.artifacts import ArtifactReporter
+    from pipeline.service.runstate import RunStatus
 
     calls: list[tuple[str, float]] = []
     monkeypatch.setattr(prefect.artifacts, "create_progress_artifact",

@@ -1,42 +1,28 @@
-"""The studios monitoring dashboard: one page listing the scans under a root folder.
+"""What the dashboard shows: the scans under a root folder, read from what the runs leave behind.
 
-``studios dashboard --root DIR`` serves (FastAPI + Jinja2 on uvicorn, bound to 127.0.0.1 by
-default; it has no authentication, put the facility's proxy in front to share it):
-
-- ``/``             the page: every scan with its state (queued / running / done / failed, and
-                    incoming scans still waiting to be complete), live progress of running ones
-                    (blocks done / total from the ledger, voxels/s, ETA), QC summary and
-                    warnings, links to its report, its Prefect flow run and the Dask dashboard.
-                    It reloads itself every ``refresh`` seconds.
-- ``/api/scans``    the same as JSON.
-- ``/files/PATH``   files under the root only (reports); ``..``, absolute paths and symlinks
-                    leading out of the root are refused with 404.
-- ``/healthz``      ``ok``.
-
-It reads only what the runs write (``studios-run.json``, ``seg.zarr`` attributes and ledger,
-``qc/qc.json``, the watcher's ``.studios-watch/state.json``) and, when ``PREFECT_API_URL`` is
-set and reachable, the flow runs' states. It never imports Prefect and never writes.
+Reads only files (``studios-run.json``, ``seg.zarr`` attributes and ledger, ``qc/qc.json``, the
+watcher's ``.studios-watch/state.json``) and, when a Prefect API URL is given and reachable,
+flow-run states over plain HTTP (:class:`PrefectLinks`). Never writes, never imports Prefect or
+a web framework: the FastAPI app is :mod:`flows.dashboard.app`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from flows.runstate import STATUS_FILE, read_json
+from pipeline.service.incoming import DEFAULT_STATE_DIR
+from pipeline.service.runstate import STATUS_FILE, read_json
 
 logger = logging.getLogger(__name__)
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
 SEG_NAMES = ("seg.zarr",)
 QC_PLACES = ("qc/qc.json", "seg.zarr/qc/qc.json")
 MAX_DEPTH = 3
@@ -220,7 +206,7 @@ def _file_url(path: Path | None, root: Path) -> str | None:
 
 def waiting_scans(root: Path, known: set[str]) -> list[dict[str, Any]]:
     """Incoming scans the watcher has seen but not started (not complete yet)."""
-    state = read_json(root / ".studios-watch" / "state.json") or {}
+    state = read_json(root / DEFAULT_STATE_DIR / "state.json") or {}
     out: list[dict[str, Any]] = []
     for name, look in (state.get("seen") or {}).items():
         rec = (state.get("scans") or {}).get(name) or {}
@@ -272,6 +258,7 @@ class PrefectLinks:
 
 
 def collect(root: Path, links: PrefectLinks) -> list[dict[str, Any]]:
+    """Every scan under ``root`` (and the watcher's waiting ones), running first, then by name."""
     scans = [scan_info(f, root) for f in find_scan_folders(root)]
     for s in scans:
         url = links.url(s["flow_run_id"], s["flow_run_url"])
@@ -282,77 +269,6 @@ def collect(root: Path, links: PrefectLinks) -> list[dict[str, Any]]:
     scans += waiting_scans(root, {s["name"] for s in scans} | {Path(s["folder"]).name for s in scans if s["folder"]})
     scans.sort(key=lambda s: (STATE_ORDER.get(s["state"], 9), s["name"]))
     return scans
-
-
-def _fmt_seconds(value: Any) -> str:
-    if value is None:
-        return ""
-    seconds = int(round(float(value)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def create_app(root: str | os.PathLike[str], *, refresh: int = 5, prefect_api: str | None = None,
-               prefect_ui: str | None = None) -> Any:
-    """The FastAPI application for ``root``."""
-    import jinja2
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
-
-    root_path = Path(root).expanduser().resolve()
-    if not root_path.is_dir():
-        from pipeline.core.errors import ConfigError
-
-        raise ConfigError(f"{root_path}: dashboard root folder does not exist; give --root DIR")
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
-                             undefined=jinja2.StrictUndefined)
-    env.filters["seconds"] = _fmt_seconds
-    env.filters["pct"] = lambda v: f"{100 * float(v):.1f} %"
-    env.filters["mvox"] = lambda v: f"{float(v) / 1e6:.2f} Mvox/s"
-    env.filters["safe_url"] = safe_url
-    template = env.get_template("dashboard.html")
-    links = PrefectLinks(prefect_api if prefect_api is not None else os.environ.get("PREFECT_API_URL"),
-                         prefect_ui if prefect_ui is not None else os.environ.get("PREFECT_UI_URL"))
-    lock = threading.Lock()
-    cache: dict[str, Any] = {"t": 0.0, "scans": []}
-
-    def scans() -> list[dict[str, Any]]:
-        with lock:  # one scan of the root per second, whatever the number of open pages
-            if time.time() - cache["t"] > 1.0:
-                cache["scans"] = collect(root_path, links)
-                cache["t"] = time.time()
-            return list(cache["scans"])
-
-    app = FastAPI(title="studios dashboard", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> HTMLResponse:
-        items = scans()
-        counts = {s: sum(1 for x in items if x["state"] == s) for s in STATE_ORDER}
-        html = template.render(scans=items, counts=counts, root=str(root_path), refresh=refresh,
-                               generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
-                               prefect_ui=links.ui_url)
-        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
-
-    @app.get("/api/scans")
-    def api_scans() -> JSONResponse:
-        return JSONResponse({"root": str(root_path), "scans": json.loads(json.dumps(scans(), default=str))})
-
-    @app.get("/healthz", response_class=PlainTextResponse)
-    def healthz() -> str:
-        return "ok"
-
-    @app.get("/files/{path:path}")
-    def files(path: str) -> FileResponse:
-        target = safe_path(root_path, path)
-        if target is None:
-            raise HTTPException(status_code=404, detail="not found")
-        return FileResponse(target)
-
-    return app
 
 
 def safe_url(url: Any) -> str:
@@ -378,13 +294,3 @@ def safe_path(root: Path, path: str) -> Path | None:
     return target if target.is_file() else None
 
 
-def run(root: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8765, refresh: int = 5,
-        prefect_ui: str | None = None) -> None:
-    """Serve the dashboard until interrupted."""
-    import uvicorn
-
-    app = create_app(root, refresh=refresh, prefect_ui=prefect_ui)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("the dashboard has no authentication and is now reachable on %s:%d", host, port)
-    print(f"studios dashboard for {Path(root).resolve()} on http://{host}:{port}/", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
