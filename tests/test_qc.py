@@ -29,7 +29,7 @@ from pipeline.core.normalize import Normalization
 from pipeline.io.bundle import ModelBundle, from_model, save_bundle
 from pipeline.io.store import open_image
 from pipeline.models.dilated import DilatedResNet
-from pipeline.qc.report import SECTIONS
+from pipeline.qc.report import SECTIONS, render_report
 from pipeline.qc.run import SCHEMA, run_qc
 from pipeline.segment.run import segment
 from pipeline.testing.phantom import make_phantom
@@ -236,8 +236,8 @@ def test_report_renders_in_headless_chromium(full_qc: Any, tmp_path: Path) -> No
     from PIL import Image
 
     page = full_qc.report_path.read_text()
-    for section in SECTIONS:
-        assert f'<section id="{section}">' in page
+    expected = [s for s in SECTIONS if s != "suggestions"]  # qc.json has no suggestions (yet)
+    assert re.findall(r'<section id="(\w+)">', page) == expected  # every section, in order
     assert len(re.findall(r"<img [^>]*src=\"data:image/png;base64,", page)) >= 8
     assert not re.search(r"(src|href)=\"(https?:)?//", page), "the report must not load external resources"
     shot = tmp_path / "report.png"
@@ -251,6 +251,30 @@ def test_report_renders_in_headless_chromium(full_qc: Any, tmp_path: Path) -> No
     assert pixels.shape == (3000, 1400)
     assert pixels.std() > 20, "the screenshot is blank"
     assert (pixels < 128).mean() > 0.05  # text and images, not an empty page
+
+
+def test_report_where_to_annotate_next(phantom_run: dict[str, Any], full_qc: Any) -> None:
+    """The suggestions of qc.json become a table between confidence and components, escaped."""
+    data = json.loads(full_qc.json_path.read_text())
+    data["suggestions"] = [
+        {"axis": "z", "index": 41, "score": 0.73, "reason": "low confidence near <b>the rim</b>"},
+        {"axis": "x", "index": 7, "score": 0.5125, "reason": "class fractions drift"},
+    ]
+    group = zarr.open_group(str(phantom_run["seg"]), mode="r")
+    page = render_report(data, labels=group, scan=open_image(phantom_run["scan"]),
+                         probabilities=group["probabilities"]["0"])
+    assert re.findall(r'<section id="(\w+)">', page) == list(SECTIONS)
+    section = page[page.index('<section id="suggestions">'):]
+    section = section[: section.index("</section>")]
+    assert "<h2>Where to annotate next</h2>" in section
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", section)
+    assert cells == ["1", "z", "41", "0.73", "low confidence near &lt;b&gt;the rim&lt;/b&gt;",
+                     "2", "x", "7", "0.512", "class fractions drift"]
+    assert "<b>the rim" not in page
+    data["suggestions"] = []
+    empty = render_report(data, labels=group)
+    assert "No suggestions." in empty and '<section id="suggestions">' in empty
+    assert '<p class="muted">The scan is not available: labels only.</p>' in empty
 
 
 def test_warnings_in_plain_words() -> None:
