@@ -1,7 +1,7 @@
 """Subcommands that run the Prefect flows: ``run``, ``serve``, ``deploy``, ``dashboard``.
 
-Registered on :mod:`pipeline.cli.main` through the ``studios.commands`` entry point ``flows``. Nothing here imports
-Prefect until a handler runs, so ``studios --help`` stays fast. Every handler turns Prefect's
+Registered through the ``studios.commands`` entry point ``flows``. Nothing here imports Prefect
+until a handler runs, so ``studios --help`` stays fast. Every handler turns Prefect's
 outgoing analytics off (``DO_NOT_TRACK=1``, ``PREFECT_SERVER_ANALYTICS_ENABLED=false``) unless
 the environment says otherwise.
 """
@@ -30,43 +30,32 @@ def air_gapped() -> None:
         os.environ.setdefault(key, value)
 
 
-class _NoTraceback(logging.Filter):
-    """Console handlers print the message of a failing flow run, not its traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info:
-            record.exc_info = None
-            record.exc_text = None
-        return True
+def _drop_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 @contextlib.contextmanager
 def _console_without_tracebacks(debug: bool) -> Iterator[None]:
-    if debug:
-        yield
-        return
-    handlers = list(logging.getLogger().handlers)
-    f = _NoTraceback()
+    """Console handlers print the message of a failing flow run, not its traceback (``--debug``: both)."""
+    handlers = [] if debug else list(logging.getLogger().handlers)
     for h in handlers:
-        h.addFilter(f)
+        h.addFilter(_drop_traceback)
     try:
         yield
     finally:
         for h in handlers:
-            h.removeFilter(f)
+            h.removeFilter(_drop_traceback)
 
 
 def _api_description() -> str:
     url = os.environ.get("PREFECT_API_URL")
     if url:
         return f"Prefect server {url}"
-    try:
-        from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL
 
-        if PREFECT_API_URL.value():
-            return f"Prefect server {PREFECT_API_URL.value()} (profile)"
-    except Exception:
-        pass
+    if PREFECT_API_URL.value():
+        return f"Prefect server {PREFECT_API_URL.value()} (profile)"
     return "Prefect's temporary local API (set PREFECT_API_URL to use a server)"
 
 
@@ -108,15 +97,9 @@ def _run(args: argparse.Namespace) -> int:
 
     with _console_without_tracebacks(args.debug):
         result = process_scan(**params)
-    outputs = result["outputs"]
-    seg = result["segment"]
-    print(f"done: {result['name']} in {result['seconds']:.1f}s; {seg.get('blocks_done')}/{seg.get('blocks_total')} "
-          f"blocks{' (reused)' if seg.get('reused') else ''}")
-    for key in ("scan", "model", "segmentation", "qc_json", "report"):
-        if outputs.get(key):
-            print(f"  {key:13s} {outputs[key]}")
-    for warning in result["qc_warnings"]:
-        print(f"  warning: {warning}")
+    from pipeline.service.summary import run_lines
+
+    print("\n".join(run_lines(result)))
     return 0
 
 
@@ -146,10 +129,6 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("give --interval or --cron, not both")
     if args.interval is not None and args.interval <= 0:
         raise ConfigError("--interval must be > 0 seconds")
-    if args.config is not None:
-        from pipeline.core.runconfig import load_run_config
-
-        load_run_config(args.config, require_source=False)
     air_gapped()
     if not os.environ.get("PREFECT_API_URL"):
         logging.getLogger("pipeline.cli.main").warning(
@@ -212,8 +191,6 @@ def _dashboard_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
 
 def _dashboard(args: argparse.Namespace) -> int:
     air_gapped()
-    if not args.root.is_dir():
-        raise ConfigError(f"{args.root}: dashboard root folder does not exist; give --root DIR")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port} is not a TCP port (1-65535)")
     if args.refresh < 1:

@@ -1,10 +1,9 @@
 """The studios flows: ingest, train, segment, qc, and ``process_scan`` chaining them.
 
-A Prefect task is a *stage*: one task run per stage, whatever the number of blocks; each wraps
-one stage function of :mod:`pipeline.service.process` (which decides what is reused and which
-model source is used) and adds retries and artifacts. The segment stage's blocks run on the Dask
-cluster of its ``cluster`` options. ``ingest`` is atomic and ``segment`` resumes from its ledger,
-so both retry transient errors once; errors a retry cannot fix fail at once.
+A Prefect task is a *stage* (one task run, whatever the number of blocks) wrapping one stage
+function of :mod:`pipeline.service.process` (what is reused, which model source) with retries
+and artifacts. ``ingest`` is atomic and ``segment`` resumes from its ledger, so both retry a
+transient error once; errors a retry cannot fix fail at once.
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ from pipeline.core.runconfig import ClusterOptions, IngestOptions, ModelOptions,
 from pipeline.service import process as lib
 from pipeline.service.runstate import RunStatus, now_iso
 from pipeline.service.summary import summary_markdown
-
-RETRY_DELAY_SECONDS = 10
 
 
 def _retry_safe(task: Any, task_run: Any, state: Any) -> bool:
@@ -58,7 +55,7 @@ def _reporter(stage: str, label: str, status: RunStatus | None) -> ArtifactRepor
     return ArtifactReporter(f"{stage}-progress-{label}", status=status)
 
 
-RETRIED: dict[str, Any] = {"retries": 1, "retry_delay_seconds": RETRY_DELAY_SECONDS,
+RETRIED: dict[str, Any] = {"retries": 1, "retry_delay_seconds": 10,
                            "retry_condition_fn": _retry_safe, "cache_policy": NO_CACHE}
 
 

@@ -46,6 +46,7 @@ def build_deployments(
     from flows.process import process_scan
     from flows.watch import watch_folder
     from pipeline.core.runconfig import load_run_config
+    from pipeline.service.incoming import watch_schedule
 
     params: dict[str, Any] = {}
     cfg = None
@@ -59,13 +60,8 @@ def build_deployments(
         )
     ]
     if watch and cfg is not None and cfg.watch is not None:
-        every = interval if interval is not None else cfg.watch.interval
-        cron = cron or cfg.watch.cron
-        schedule: dict[str, Any] = {}
-        if cron:
-            schedule["cron"] = cron
-        else:
-            schedule["interval"] = timedelta(seconds=float(every or 120))
+        kind, value = watch_schedule(cfg.watch, interval=interval, cron=cron)
+        schedule = {"cron": value} if kind == "cron" else {"interval": timedelta(seconds=float(value))}
         deployments.append(
             watch_folder.to_deployment(
                 name=WATCH_DEPLOYMENT, parameters=params, tags=["studios", "beamline"], paused=paused,

@@ -7,6 +7,7 @@ through the ``process_scan`` subflow, one after another.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,7 @@ def watch_folder(
         settings.output_root.mkdir(parents=True, exist_ok=True)
         state = watcher.WatchState(settings.state_path)
         look = watcher.claim_ready(state, settings, firing=str(flow_run.get_id() or "") or None)
-
-        def run(c: watcher.Candidate, out: Path) -> str | None:
-            return _process(c, out, config, sections)
-
+        run = functools.partial(_process, config=config, sections=sections)
         results = {c.name: watcher.process_claimed(state, c, settings.output_root, run) for c in look.claimed}
         publish_markdown("watch-folder", look_markdown(settings.incoming, results, look.waiting),
                          f"look at {settings.incoming}")
@@ -65,7 +63,7 @@ def watch_folder(
                 "processed": results, "waiting": look.waiting}
 
 
-def _process(c: watcher.Candidate, out: Path, config: str | None, sections: dict[str, Any]) -> str | None:
+def _process(c: watcher.Candidate, out: Path, *, config: str | None, sections: dict[str, Any]) -> str | None:
     """``process_scan`` as a subflow; ``None`` when it completed, else its error on one line."""
     from flows.process import process_scan
 

@@ -209,3 +209,14 @@ def test_dashboard_in_headless_chromium(dashboard: str, tmp_path: Path) -> None:
     assert pixels.std() > 10, "the screenshot is blank"
     colours: Any = np.unique(np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3), axis=0)
     assert len(colours) > 20  # text, state badges, progress bar
+
+
+def test_bad_options_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli.main import main
+
+    for argv, fragment in ((["--root", str(tmp_path / "missing")], "dashboard root folder does not exist"),
+                           (["--root", str(tmp_path), "--port", "70000"], "is not a TCP port"),
+                           (["--root", str(tmp_path), "--refresh", "0"], "--refresh must be at least 1")):
+        assert main(["dashboard", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("studios: error: ") and fragment in err and "\n" not in err, err

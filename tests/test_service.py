@@ -295,3 +295,26 @@ def test_summaries_escape_markup() -> None:
                             warnings=["<script>"], outputs={"report": "/a|b"})
     assert "# t &lt;i&gt;" in text and "| mean | 0.1235 |" in text and "| fraction pore | 25.00 % |" in text
     assert "- &lt;script&gt;" in text and "| report | /a\\|b |" in text and "<script>" not in text
+
+
+def test_watch_schedule_arguments_win_over_the_profile(tmp_path: Path) -> None:
+    from pipeline.core.runconfig import WatchOptions
+
+    every = WatchOptions(incoming=tmp_path, interval=60)
+    cron = WatchOptions(incoming=tmp_path, cron="*/5 * * * *")
+    assert incoming.watch_schedule(WatchOptions(incoming=tmp_path)) == ("interval", 120.0)
+    assert incoming.watch_schedule(every) == ("interval", 60.0)
+    assert incoming.watch_schedule(every, interval=5) == ("interval", 5.0)
+    assert incoming.watch_schedule(every, cron="0 * * * *") == ("cron", "0 * * * *")
+    assert incoming.watch_schedule(cron) == ("cron", "*/5 * * * *")
+    assert incoming.watch_schedule(cron, interval=30) == ("interval", 30.0)  # --interval overrides
+
+
+def test_run_lines() -> None:
+    from pipeline.service.summary import run_lines
+
+    result = {"name": "s", "seconds": 3.21, "segment": {"blocks_done": 8, "blocks_total": 8, "reused": True},
+              "outputs": {"scan": "/o/scan.zarr", "report": "", "segmentation": "/o/seg.zarr"},
+              "qc_warnings": ["class pore covers 0.01 % of the volume"]}
+    assert run_lines(result) == ["done: s in 3.2s; 8/8 blocks (reused)", "  scan          /o/scan.zarr",
+                                 "  segmentation  /o/seg.zarr", "  warning: class pore covers 0.01 % of the volume"]

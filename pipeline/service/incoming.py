@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import ConfigError, one_line
+from pipeline.core.runconfig import WatchOptions, scan_name_for
 from pipeline.service.runstate import RunStatus, now_iso
 from pipeline.service.watchstate import STATE_SCHEMA, WatchState
 
@@ -50,6 +51,7 @@ __all__ = ["STATE_SCHEMA", "Candidate", "Look", "WatchSettings", "WatchState", "
 logger = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = ".studios-watch"
+DEFAULT_INTERVAL = 120.0
 SCAN_SUFFIXES = (".tif", ".tiff", ".h5", ".hdf5", ".hdf", ".nxs", ".npy", ".zarr", ".raw", ".vol", ".bin", ".dat")
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~", ".lock", ".swp")
 INNER_MARKERS = ("DONE",)
@@ -121,8 +123,6 @@ def safe_name(text: str) -> str:
 
 def discover(incoming: Path, marker: str = ".complete") -> list[Candidate]:
     """All scan entries in ``incoming``, oldest first, with unique names."""
-    from pipeline.core.runconfig import scan_name_for
-
     entries = []
     for entry in incoming.iterdir():
         try:
@@ -225,7 +225,6 @@ def watch_settings(
         ConfigError: a bad ``watch:`` key or value, no output root, or no incoming folder.
     """
     from pipeline.core.config import load_yaml, parse_section
-    from pipeline.core.runconfig import WatchOptions
 
     data = load_yaml(config) if config else {}
     section = dict(data.get("watch") or {})
@@ -243,6 +242,23 @@ def watch_settings(
     return WatchSettings(inc, Path(str(root)).expanduser().absolute(), completion=opts.completion,
                          settle_seconds=opts.settle_seconds, marker=opts.marker,
                          state_dir=Path(opts.state_dir) if opts.state_dir else None, max_scans=opts.max_scans)
+
+
+def watch_schedule(
+    options: WatchOptions, *, interval: float | None = None, cron: str | None = None
+) -> tuple[str, float | str]:
+    """When the watcher looks: ``("interval", seconds)`` or ``("cron", expression)``.
+
+    ``interval`` / ``cron`` (e.g. ``studios serve --interval``) win over the profile's
+    ``watch.interval`` / ``watch.cron`` (``options``); the default is every
+    :data:`DEFAULT_INTERVAL` seconds.
+    """
+    if interval is not None:
+        return "interval", float(interval)
+    chosen = cron or options.cron
+    if chosen:
+        return "cron", chosen
+    return "interval", float(options.interval or DEFAULT_INTERVAL)
 
 
 @dataclass(frozen=True)

@@ -107,3 +107,13 @@ def look_markdown(incoming: Any, processed: Mapping[str, Mapping[str, Any]], wai
     rows += [f"| {md(n)} | waiting | {md(why)} |" for n, why in waiting.items()]
     return "\n".join([f"# watch {md(incoming)}", "",
                       f"{len(processed)} processed now, {len(waiting)} waiting, {failed} failed", "", *rows, ""])
+
+
+def run_lines(result: Mapping[str, Any]) -> list[str]:
+    """What ``studios run`` prints about a finished ``process_scan`` result: outcome, outputs, warnings."""
+    seg, outputs = result["segment"], result["outputs"]
+    lines = [f"done: {result['name']} in {result['seconds']:.1f}s; {seg.get('blocks_done')}/{seg.get('blocks_total')} "
+             f"blocks{' (reused)' if seg.get('reused') else ''}"]
+    lines += [f"  {key:13s} {outputs[key]}" for key in ("scan", "model", "segmentation", "qc_json", "report")
+              if outputs.get(key)]
+    return lines + [f"  warning: {w}" for w in result["qc_warnings"]]
