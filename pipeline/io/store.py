@@ -250,6 +250,7 @@ def open_image(path: str | os.PathLike[str], *, kind: str | None = None, require
 #: Border rule shared by blocks and the whole-volume reference: replicate the edge voxels.
 PAD_MODE = "edge"
 
+
 def read_padded(array: Any, block: Block, volume_shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
     """Read ``block.read`` from ``array`` (Z, Y, X), edge-padding outside the volume.
 
@@ -263,3 +264,23 @@ def read_padded(array: Any, block: Block, volume_shape: tuple[int, ...]) -> np.n
     if any(a or b for a, b in pad):
         data = np.pad(data, pad, mode=PAD_MODE)
     return data
+
+
+def write_box(array: Any, box: Box, data: np.ndarray[Any, Any], *, where: str | Path = "", what: str = "") -> None:
+    """Write ``data`` into the (Z, Y, X) box ``box`` of ``array``; leading axes (e.g. classes) whole.
+
+    Args:
+        array: a zarr array (Z, Y, X) or (C, Z, Y, X).
+        data: ``box.shape`` or ``(C, *box.shape)``, the array's dtype.
+        where, what: name the output and the part for the error message.
+
+    Raises:
+        DiskFullError: the filesystem is full (stop the run); StorageError: any other write error.
+    """
+    from pipeline.io.outputs import storage_error
+
+    lead = (slice(None),) * (len(array.shape) - len(box.shape))
+    try:
+        array[(*lead, *box.to_slices())] = data
+    except OSError as exc:
+        raise storage_error(where or str(getattr(array, "store", "")), exc, what=what) from None
