@@ -24,8 +24,8 @@ from pipeline.compute.executors import DaskExecutor, RunOutcome
 from pipeline.core.config import cluster_spec_from_file
 from pipeline.core.errors import ClusterError, ConfigError, InputError
 from pipeline.io.bundle import init_bundle, save_bundle
-from pipeline.segment.predict import forward, numerics, to_labels
 from pipeline.segment.plan import auto_block
+from pipeline.segment.predict import forward, numerics, to_labels
 from pipeline.segment.run import segment
 
 SMALL = {"channels": 4, "dilations": [1, 2], "head": 4}

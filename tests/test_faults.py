@@ -120,11 +120,12 @@ def test_hanging_block_times_out_and_is_retried(inputs, tmp_path, dask_address):
 
 
 def test_hanging_block_without_retries_fails_with_its_id(inputs, tmp_path, dask_address):
-    from pipeline.core.errors import BlockFailedError
-
     from distributed import Client
 
-    with Client(dask_address) as client, pytest.raises(BlockFailedError, match=r"\(1-1-1\).*TimeoutError: no result after 15s"):
+    from pipeline.core.errors import BlockFailedError
+
+    expected = r"\(1-1-1\).*TimeoutError: no result after 15s"
+    with Client(dask_address) as client, pytest.raises(BlockFailedError, match=expected):
         executor = FaultyExecutor(DaskExecutor(client, retries=0, timeout=15.0), tmp_path / "faults", hang=("1-1-1",))
         segment(inputs / "scan.zarr", inputs / "model", tmp_path / "out.zarr", block=64, qc=False, executor=executor)
 

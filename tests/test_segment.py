@@ -88,7 +88,8 @@ def test_failed_block_reported_by_id_output_incomplete_then_resumed(tmp_path, sc
 
 
 def test_block_that_fails_once_is_retried(tmp_path, scan, model):
-    r = _run(scan, model, tmp_path / "s.zarr", executor=FaultyExecutor(SerialExecutor(retries=1), tmp_path / "faults", fail=("1-0-0",)))
+    executor = FaultyExecutor(SerialExecutor(retries=1), tmp_path / "faults", fail=("1-0-0",))
+    r = _run(scan, model, tmp_path / "s.zarr", executor=executor)
     assert not r.failed and r.blocks_done == 12
 
 

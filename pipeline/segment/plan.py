@@ -14,6 +14,7 @@ This is the one place that decides a run's geometry:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,7 @@ def make_plan(
 
 
 def manifest(
-    plan: Plan, *, scan: str | Path, fingerprint: str, probabilities: bool, exact: bool, precision: str
+    plan: Plan, *, scan: str | os.PathLike[str], fingerprint: str, probabilities: bool, exact: bool, precision: str
 ) -> dict[str, Any]:
     """What the ledger is made with (``studios.ledger``); a resume must match it."""
     return {

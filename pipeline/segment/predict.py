@@ -49,6 +49,18 @@ def resolve_device(name: str = "cpu") -> torch.device:
     return device
 
 
+def _flags() -> tuple[bool, bool, bool]:
+    """(oneDNN, cuDNN TF32, matmul TF32): the process-global flags that ``exact`` turns off."""
+    return (bool(torch.backends.mkldnn.enabled), bool(torch.backends.cudnn.allow_tf32),
+            bool(torch.backends.cuda.matmul.allow_tf32))
+
+
+def _set_flags(flags: tuple[bool, bool, bool]) -> None:
+    torch.backends.mkldnn.enabled = flags[0]  # type: ignore[assignment]  # a module-level property
+    torch.backends.cudnn.allow_tf32 = flags[1]  # type: ignore[assignment]
+    torch.backends.cuda.matmul.allow_tf32 = flags[2]
+
+
 class NumericsGate:
     """Per-process gate around torch's global numerics flags (oneDNN, TF32).
 
@@ -95,12 +107,9 @@ class NumericsGate:
                 self._cond.wait()
             self._waiting[exact] -= 1
             if not self._active:
-                self._saved = (torch.backends.mkldnn.enabled, torch.backends.cudnn.allow_tf32,
-                               torch.backends.cuda.matmul.allow_tf32)
+                self._saved = _flags()
                 if exact:
-                    torch.backends.mkldnn.enabled = False
-                    torch.backends.cudnn.allow_tf32 = False
-                    torch.backends.cuda.matmul.allow_tf32 = False
+                    _set_flags((False, False, False))
                 self._mode = exact
             self._active += 1
 
@@ -109,8 +118,7 @@ class NumericsGate:
             self._active -= 1
             if not self._active:
                 if self._saved is not None:
-                    (torch.backends.mkldnn.enabled, torch.backends.cudnn.allow_tf32,
-                     torch.backends.cuda.matmul.allow_tf32) = self._saved
+                    _set_flags(self._saved)
                 self._mode = self._saved = None
                 self._cond.notify_all()
 
@@ -221,7 +229,8 @@ def _channels_last(model: StridefreeModel) -> StridefreeModel:
         hit = _CHANNELS_LAST.get(model)
         if hit is None or hit[0] != version:
             with torch.inference_mode(False), torch.no_grad():
-                fast = copy.deepcopy(model).to(memory_format=torch.channels_last_3d).requires_grad_(False)
+                fast = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+                fast.requires_grad_(False)
             hit = (version, fast)
             _CHANNELS_LAST[model] = hit
         return hit[1]  # type: ignore[return-value]
@@ -254,7 +263,7 @@ def predict_volume(
     Returns:
         (K, Z, Y, X) float32 probabilities.
     """
-    padded = np.pad(volume, model.halo, mode=PAD_MODE)
+    padded = np.pad(np.asarray(volume), int(model.halo), mode=PAD_MODE)
     return predict(model, padded, offset=offset, scale=scale, exact=exact)
 
 

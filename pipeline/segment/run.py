@@ -52,6 +52,7 @@ from pipeline.io.store import (
     multiscales,
     open_image,
     set_studios_attrs,
+    studios_attrs,
 )
 from pipeline.segment.ledger import SKIPPED, BlockStats, Ledger, check_manifest
 from pipeline.segment.plan import DEFAULT_BLOCK, Plan, make_plan, manifest
@@ -302,7 +303,7 @@ def _prepare_output(
     if out.exists():
         try:
             group = zarr.open_group(str(out), mode="r+")
-            attrs = dict(group.attrs.get("studios", {}))
+            attrs = studios_attrs(group)
         except Exception:
             attrs = {}
             group = None
@@ -427,13 +428,13 @@ def _quality_control(
         info = {"json": str(report.json_path), "report": str(report.report_path), "status": report.status,
                 "warnings": len(report.warnings)}
         result = dataclasses.replace(result, qc=report.report_path)
-    set_studios_attrs(group, run={**dict(group.attrs.get("studios", {}).get("run", {})), "qc": info})
+    set_studios_attrs(group, run={**dict(studios_attrs(group).get("run") or {}), "qc": info})
     return result
 
 
 def _voxel_size(group: zarr.Group, out: Path) -> tuple[float, float, float]:
-    scan = group.attrs.get("studios", {}).get("ledger", {}).get("scan")
-    if scan:
+    scan = (studios_attrs(group).get("ledger") or {}).get("scan")
+    if isinstance(scan, str) and scan:
         try:
             return open_image(scan, require_complete=False).voxel_size
         except InputError:

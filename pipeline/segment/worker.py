@@ -155,8 +155,7 @@ CACHE = WorkerCache()
 
 
 def block_stats(
-    raw: np.ndarray[Any, Any], probs: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], classes: int,
-    **seconds: float,
+    raw: np.ndarray[Any, Any], probs: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], classes: int
 ) -> BlockStats:
     """Per-block sums used by QC: class counts, per-class intensity sums, confidence histogram.
 
@@ -164,10 +163,14 @@ def block_stats(
         raw: (Z, Y, X) raw intensities of the write box.
         probs: (K, Z, Y, X) float32 probabilities.
         labels: (Z, Y, X) uint8 labels 1..K.
-        seconds: stage times (``read_s=``, ``forward_s=``, ...), see :class:`BlockStats`.
+
+    Returns:
+        The block's stats without stage times (the caller adds them).
     """
     flat = labels.reshape(-1).astype(np.int64) - 1
-    counts = np.bincount(flat, minlength=classes)
+    counts = np.bincount(flat, minlength=classes).astype(np.float64)
+    isum: np.ndarray[Any, np.dtype[np.float64]]
+    isum2: np.ndarray[Any, np.dtype[np.float64]]
     lo, hi = (int(raw.min()), int(raw.max())) if raw.dtype.kind in "ui" and raw.dtype.itemsize <= 2 else (0, -1)
     span = hi - lo + 1
     if span > 0 and classes * span <= 1 << 22:
@@ -180,8 +183,8 @@ def block_stats(
         isum, isum2 = hist @ v, hist @ (v * v)
     else:
         values = raw.reshape(-1).astype(np.float64)
-        isum = np.bincount(flat, weights=values, minlength=classes)
-        isum2 = np.bincount(flat, weights=values * values, minlength=classes)
+        isum = np.bincount(flat, weights=values, minlength=classes).astype(np.float64)
+        isum2 = np.bincount(flat, weights=values * values, minlength=classes).astype(np.float64)
     top = probs[0]  # max over classes, plane by plane (faster than max(axis=0) on forward()'s layout)
     for k in range(1, len(probs)):
         top = np.maximum(top, probs[k])
@@ -191,11 +194,11 @@ def block_stats(
     plogp *= p
     entropy = -float(plogp.sum(dtype=np.float64))
     return BlockStats(classes=classes, voxels=float(labels.size), counts=counts, isum=isum, isum2=isum2,
-                      confidence=conf, entropy_sum=entropy, **seconds)
+                      confidence=conf.astype(np.float64), entropy_sum=entropy)
 
 
-def _skip(run: OpenRun, job: SegmentJob, block: Block, why: str, **seconds: float) -> dict[str, Any]:
-    stats = BlockStats(classes=job.classes, voxels=float(block.write.size), skipped=1.0, **seconds)
+def _skip(run: OpenRun, job: SegmentJob, block: Block, why: str, *, read_s: float = 0.0) -> dict[str, Any]:
+    stats = BlockStats(classes=job.classes, voxels=float(block.write.size), skipped=1.0, read_s=read_s)
     run.ledger.mark(block, stats)
     logger.debug("block %s: %s, skipped", block.id, why)
     return {"id": block.id, "index": block.index, "stats": stats}
