@@ -92,6 +92,10 @@ def test_ledger_of_an_older_layout_is_refused_with_overwrite_hint(tmp_path, inpu
     ledger = group["ledger"]
     del ledger.attrs["layout"]
     ledger.attrs["fields"] = ["voxels", "read_s"]
+    old = Ledger(zarr.open_group(str(out), mode="r"))
+    assert int((old.done_mask() > 0).sum()) == 8  # progress (dashboard) stays readable
+    with pytest.raises(LedgerMismatchError, match="another studios version"):
+        old.totals()
     with pytest.raises(LedgerMismatchError, match="another studios version.*--overwrite"):
         segment(inputs / "scan.zarr", inputs / "model", out, block=64, executor=SerialExecutor(), qc=False)
 

@@ -25,6 +25,7 @@ def open_segmentation(seg: str | os.PathLike[str]) -> tuple[Image, zarr.Group, L
     group = zarr.open_group(str(image.path), mode="r")
     try:
         ledger = Ledger(group)
+        ledger.check_layout()
     except (KeyError, AssertionError, TypeError):
         raise InputError(f"{image.path}: has no block ledger; make it with 'studios segment'") from None
     except LedgerMismatchError as exc:

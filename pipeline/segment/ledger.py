@@ -143,15 +143,24 @@ class Ledger:
         if not isinstance(done, zarr.Array) or not isinstance(stats, zarr.Array):
             raise LedgerMismatchError(f"{where}: the ledger arrays are damaged; pass --overwrite to start again")
         classes = ledger.attrs.get("classes")
+        self.done_array: zarr.Array = done
+        self.stats_array: zarr.Array = stats
+        self.classes: int = classes if isinstance(classes, int) else 0
+        self._layout_error: str | None = None
         if ledger.attrs.get("layout") != LAYOUT or not isinstance(classes, int) \
                 or stats.shape[-1] != BlockStats.width(classes):
-            raise LedgerMismatchError(
+            self._layout_error = (
                 f"{where}: the block ledger was written by another studios version (layout "
                 f"{ledger.attrs.get('layout', 'unversioned')!r}, expected {LAYOUT!r}); pass --overwrite to start again"
             )
-        self.done_array: zarr.Array = done
-        self.stats_array: zarr.Array = stats
-        self.classes: int = classes
+
+    def check_layout(self) -> None:
+        """Raise :class:`LedgerMismatchError` unless the stats rows have this version's layout.
+
+        The done-markers (:meth:`done_mask`, :meth:`pending`) are readable whatever the layout.
+        """
+        if self._layout_error is not None:
+            raise LedgerMismatchError(self._layout_error)
 
     @classmethod
     def create(cls, group: zarr.Group, grid: Sequence[int], classes: int) -> Ledger:
@@ -169,6 +178,7 @@ class Ledger:
 
         The marker is :data:`SKIPPED` when ``stats.skipped`` is set, else :data:`DONE`.
         """
+        self.check_layout()
         if stats.classes != self.classes:
             raise ValueError(f"block {block.id}: stats of {stats.classes} classes in a {self.classes}-class ledger")
         ones = (1,) * len(block.index)
@@ -194,6 +204,7 @@ class Ledger:
         return [b for b in blocks if not mask[b.index]]
 
     def _rows(self) -> F64:
+        self.check_layout()
         return np.asarray(self.stats_array[...], dtype=np.float64)
 
     def totals(self) -> BlockStats:

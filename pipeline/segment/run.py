@@ -239,7 +239,9 @@ def _open_output(
     model_dir = out / "model"
     if not (model_dir / "model.json").exists():
         save_bundle(bundle, model_dir)
-    return group, Ledger(group), model_dir
+    ledger = Ledger(group)
+    ledger.check_layout()
+    return group, ledger, model_dir
 
 
 def _job(
