@@ -19,7 +19,6 @@ import dataclasses
 import datetime as dt
 import logging
 import os
-import shutil
 import socket
 import time
 import uuid
@@ -38,24 +37,22 @@ from pipeline.core.errors import (
     ConfigError,
     DiskFullError,
     InputError,
-    OutputExistsError,
     StudiosError,
 )
 from pipeline.core.progress import NullReporter, Reporter
-from pipeline.io.bundle import ModelBundle, load_bundle, save_bundle
-from pipeline.io.outputs import OutputLock, check_output, storage_error
+from pipeline.io.bundle import ModelBundle, load_bundle
+from pipeline.io.outputs import OutputLock, storage_error
 from pipeline.io.store import (
     Image,
     build_pyramid,
-    create_array,
-    create_group,
     multiscales,
     open_image,
     set_studios_attrs,
     studios_attrs,
 )
-from pipeline.segment.ledger import SKIPPED, BlockStats, Ledger, check_manifest
-from pipeline.segment.plan import DEFAULT_BLOCK, Plan, make_plan, manifest
+from pipeline.segment.ledger import SKIPPED, BlockStats, Ledger
+from pipeline.segment.output import open_output
+from pipeline.segment.plan import DEFAULT_BLOCK, make_plan, manifest
 from pipeline.segment.predict import PRECISIONS, resolve_device
 from pipeline.segment.worker import SegmentJob, run_block
 
@@ -174,7 +171,7 @@ def segment(
                       precision=precision)
     try:
         with OutputLock(out, take_over=take_over_lock):
-            group, ledger, model_dir = _open_output(out, plan, wanted, bundle, Path(scan), overwrite=overwrite,
+            group, ledger, model_dir = open_output(out, plan, wanted, bundle, Path(scan), overwrite=overwrite,
                                                     probabilities=probabilities)
             todo = list(plan.blocks) if force else ledger.pending(plan.blocks)
             n_resumed = len(plan.blocks) - len(todo)
@@ -225,23 +222,6 @@ def _validate(
     if executor is not None or spec.kind == "local":
         resolve_device(device)  # blocks run here (or on this machine): the device must exist
     return _Inputs(image=image, bundle=bundle, mask=mask_image, spec=spec, device=device)
-
-
-def _open_output(
-    out: Path, plan: Plan, wanted: dict[str, Any], bundle: ModelBundle, scan: Path, *, overwrite: bool,
-    probabilities: bool,
-) -> tuple[zarr.Group, Ledger, Path]:
-    """Resume or create the output; save the model into it. Returns (group, ledger, model folder)."""
-    group, resumed = _prepare_output(out, wanted, overwrite=overwrite, inputs=[scan])
-    if not resumed:
-        _create_output(group, plan, bundle, probabilities=probabilities)
-        set_studios_attrs(group, ledger=wanted)
-    model_dir = out / "model"
-    if not (model_dir / "model.json").exists():
-        save_bundle(bundle, model_dir)
-    ledger = Ledger(group)
-    ledger.check_layout()
-    return group, ledger, model_dir
 
 
 def _job(
@@ -296,45 +276,6 @@ def _write_failure_log(out: Path, outcome: RunOutcome) -> Path:
     except OSError as exc:
         logger.error("could not write %s: %s", log, exc)
     return log
-
-
-def _prepare_output(
-    out: Path, manifest: dict[str, Any], *, overwrite: bool, inputs: Sequence[Path]
-) -> tuple[zarr.Group, bool]:
-    """Open an unfinished output to resume, or create a fresh one. Returns (group, resumed)."""
-    if out.exists():
-        try:
-            group = zarr.open_group(str(out), mode="r+")
-            attrs = studios_attrs(group)
-        except Exception:
-            attrs = {}
-            group = None
-        finished = attrs.get("complete", False)
-        if group is not None and attrs.get("kind") == "segmentation" and not finished and not overwrite:
-            check_manifest(attrs.get("ledger"), manifest, str(out))
-            return group, True
-        if not overwrite:
-            what = "a finished segmentation" if finished else "something that is not a studios segmentation"
-            raise OutputExistsError(
-                f"{out}: already holds {what}; pass --overwrite to replace it or choose another path"
-            )
-        check_output(out, inputs=inputs, overwrite=True)
-        shutil.rmtree(out)
-    else:
-        check_output(out, inputs=inputs, overwrite=overwrite)
-    return create_group(out), False
-
-
-def _create_output(group: zarr.Group, plan: Plan, bundle: ModelBundle, *, probabilities: bool) -> None:
-    """Labels ``0`` (and ``probabilities/0``) over the volume, and an empty ledger over the grid."""
-    k = len(bundle.classes)
-    set_studios_attrs(group, kind="segmentation", complete=False, classes=list(bundle.classes))
-    create_array(group, "0", shape=plan.volume, dtype="uint8", chunks=plan.chunks)
-    if probabilities:
-        probs = group.create_group("probabilities")
-        create_array(probs, "0", shape=(k, *plan.volume), dtype="uint8", chunks=(k, *plan.chunks),
-                     dimension_names=("c", "z", "y", "x"))
-    Ledger.create(group, plan.grid, k)
 
 
 def _dispatch(
