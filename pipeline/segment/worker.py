@@ -199,7 +199,10 @@ def block_stats(
 
 def _skip(run: OpenRun, job: SegmentJob, block: Block, why: str, *, read_s: float = 0.0) -> dict[str, Any]:
     stats = BlockStats(classes=job.classes, voxels=float(block.write.size), skipped=1.0, read_s=read_s)
-    run.ledger.mark(block, stats)
+    try:
+        run.ledger.mark(block, stats)
+    except OSError as exc:
+        raise storage_error(job.output, exc, what=f"the ledger of block {block.id}") from None
     logger.debug("block %s: %s, skipped", block.id, why)
     return {"id": block.id, "index": block.index, "stats": stats}
 
