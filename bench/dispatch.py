@@ -12,6 +12,12 @@
    that plan: the wall time per block is the scheduler's overhead per block (submit, schedule,
    run an empty task, report, release), since the block itself does nothing. One row per
    ``max_in_flight`` (0 = the executor's default, 4 x worker threads, at least 8).
+3. **Real block overhead** (``--real-blocks N``, 0 skips): ``segment()`` on a tiny cement crop
+   in blocks of ``--real-block`` voxels (default 8^3) with a 1-layer, 2-channel model, so the
+   forward pass is negligible and the time per block is the worker path's own overhead (open
+   the scan, output, ledger and model, read, predict, write, mark). Run twice with the same
+   data: serially in this process, and through a 1-worker x 1-thread LocalCluster (the worker
+   process keeps its caches between blocks, as in production). ``--only-real`` skips 1 and 2.
 """
 
 from __future__ import annotations
@@ -41,7 +47,14 @@ def main() -> None:
                     help="DaskExecutor max_in_flight values (0: its default)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--real-blocks", type=int, default=512, help="blocks of the real-overhead run (0: skip)")
+    ap.add_argument("--real-block", type=int, default=8, help="edge of a real-overhead block")
+    ap.add_argument("--only-real", action="store_true", help="only the real block overhead (part 3)")
     args = ap.parse_args()
+    if args.only_real:
+        print(_common.machine_facts({"cluster": "serial and LocalCluster 1 worker x 1 thread"}))
+        real_overhead(args.real_blocks, args.real_block)
+        return
 
     from pipeline.compute.cluster import ClusterSpec, open_client
     from pipeline.compute.executors import DaskExecutor
@@ -93,6 +106,41 @@ def main() -> None:
     print(f"\nDaskExecutor, no-op block function, {len(todo)} blocks per row:")
     print(_common.table(["max_in_flight", "blocks", "wall s", "ms/block", "blocks/s"], rows))
     print(_common.load_line())
+    if args.real_blocks:
+        real_overhead(args.real_blocks, args.real_block)
+
+
+def real_overhead(n_blocks: int, edge: int) -> None:
+    """Per-block wall time of ``segment()`` on ``n_blocks`` tiny blocks (see the module docstring)."""
+    import math
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.compute.cluster import ClusterSpec
+    from pipeline.compute.executors import SerialExecutor
+    from pipeline.ingest.run import ingest_array
+    from pipeline.io.bundle import init_bundle, save_bundle
+    from pipeline.segment.run import segment
+
+    side = max(1, round(n_blocks ** (1 / 3)))
+    shape = (side * edge,) * 3
+    n = math.prod(-(-s // edge) for s in shape)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        ingest_array(_common.cement_volume(shape), d / "scan.zarr", chunks=(edge,) * 3, pyramid=False)
+        save_bundle(init_bundle(classes=("a", "b"), params={"channels": 2, "dilations": [1]}, seed=0), d / "m")
+        for name, kwargs in (("serial (in process)", {"executor": SerialExecutor()}),
+                             ("LocalCluster 1x1", {"cluster": ClusterSpec(workers=1, threads_per_worker=1)})):
+            segment(d / "scan.zarr", d / "m", d / "warm.zarr", block=edge, qc=False, pyramid=False,
+                    overwrite=True, **kwargs)  # warm-up: imports, worker start, model load
+            r = segment(d / "scan.zarr", d / "m", d / "out.zarr", block=edge, qc=False, pyramid=False,
+                        overwrite=True, **kwargs)
+            dispatch = r.stage_seconds["dispatch"]
+            rows.append([name, n, f"{dispatch:.2f}", f"{1e3 * dispatch / n:.2f}"])
+            print(f"{name}: {dispatch:.2f}s for {n} blocks; {_common.load_line()}", flush=True)
+    print(f"\nsegment(), {n} real blocks of {edge}^3 on a {'x'.join(map(str, shape))} cement crop:")
+    print(_common.table(["executor", "blocks", "dispatch s", "ms/block"], rows))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pipeline.compute.executors import DaskExecutor, RunOutcome
 from pipeline.core.config import cluster_spec_from_file
 from pipeline.core.errors import ClusterError, ConfigError, InputError
 from pipeline.io.bundle import init_bundle, save_bundle
+from pipeline.segment.plan import auto_block
 from pipeline.segment.predict import forward, numerics, to_labels
 from pipeline.segment.run import segment
 
@@ -401,8 +402,8 @@ def test_choose_block_stops_at_the_volume_and_refuses_tiny_memory():
 
 def test_auto_block_uses_precision_and_given_memory():
     model = init_bundle(classes=("a", "b", "c"), params={"channels": 16}).build()
-    fp32 = cl.auto_block(model, chunks=CHUNKS, volume=(1024,) * 3, free_bytes=6 * 2**30)
-    bf16 = cl.auto_block(model, chunks=CHUNKS, volume=(1024,) * 3, free_bytes=6 * 2**30, precision="bf16")
+    fp32 = auto_block(model, chunks=CHUNKS, volume=(1024,) * 3, free_bytes=6 * 2**30)
+    bf16 = auto_block(model, chunks=CHUNKS, volume=(1024,) * 3, free_bytes=6 * 2**30, precision="bf16")
     assert np.prod(bf16) > np.prod(fp32)
 
 
@@ -411,7 +412,7 @@ def test_no_gpu_means_no_memory_figure():
         pytest.skip("a GPU is present")
     assert cl.gpu_free_memory() == []
     model = init_bundle(classes=("a", "b"), params=SMALL).build()
-    assert cl.auto_block(model, chunks=CHUNKS, volume=(256,) * 3) is None
+    assert auto_block(model, chunks=CHUNKS, volume=(256,) * 3) is None
 
 
 # --- mixed precision ---------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ import zarr
 from conftest import CEMENT, ROOT
 
 from pipeline.compute.cluster import ClusterSpec
-from pipeline.compute.executors import SerialExecutor
+from pipeline.compute.executors import DaskExecutor, SerialExecutor
 from pipeline.ingest.run import ingest
 from pipeline.io.bundle import init_bundle, save_bundle
 from pipeline.segment.run import segment
+from pipeline.testing.faults import FaultyExecutor
 
 ENV = {**os.environ, "DO_NOT_TRACK": "1"}
 
@@ -104,10 +105,13 @@ def test_killed_dask_worker_blocks_rerun_elsewhere(inputs, tmp_path, dask_addres
 
 
 def test_hanging_block_times_out_and_is_retried(inputs, tmp_path, dask_address):
+    from distributed import Client
+
     scan, model = inputs / "scan.zarr", inputs / "model"
     out = tmp_path / "out.zarr"
-    result = segment(scan, model, out, block=64, retries=1, timeout=15.0, qc=False,
-                     cluster=ClusterSpec(kind="address", address=dask_address), hang_first_attempt=("0-1-0",))
+    with Client(dask_address) as client:
+        executor = FaultyExecutor(DaskExecutor(client, retries=1, timeout=15.0), tmp_path / "faults", hang=("0-1-0",))
+        result = segment(scan, model, out, block=64, qc=False, executor=executor)
     assert not result.failed and result.blocks_done == 8
     reference = tmp_path / "reference.zarr"
     segment(scan, model, reference, block=64, executor=SerialExecutor(), qc=False)
@@ -116,11 +120,14 @@ def test_hanging_block_times_out_and_is_retried(inputs, tmp_path, dask_address):
 
 
 def test_hanging_block_without_retries_fails_with_its_id(inputs, tmp_path, dask_address):
+    from distributed import Client
+
     from pipeline.core.errors import BlockFailedError
 
-    with pytest.raises(BlockFailedError, match=r"\(1-1-1\).*TimeoutError: no result after 15s"):
-        segment(inputs / "scan.zarr", inputs / "model", tmp_path / "out.zarr", block=64, retries=0, timeout=15.0,
-                qc=False, cluster=ClusterSpec(kind="address", address=dask_address), hang_first_attempt=("1-1-1",))
+    expected = r"\(1-1-1\).*TimeoutError: no result after 15s"
+    with Client(dask_address) as client, pytest.raises(BlockFailedError, match=expected):
+        executor = FaultyExecutor(DaskExecutor(client, retries=0, timeout=15.0), tmp_path / "faults", hang=("1-1-1",))
+        segment(inputs / "scan.zarr", inputs / "model", tmp_path / "out.zarr", block=64, qc=False, executor=executor)
 
 
 def test_corrupted_input_chunk_is_named(inputs, tmp_path):

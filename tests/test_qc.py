@@ -32,6 +32,7 @@ from pipeline.models.dilated import DilatedResNet
 from pipeline.qc.report import SECTIONS, render_report
 from pipeline.qc.run import SCHEMA, run_qc
 from pipeline.segment.run import segment
+from pipeline.testing.faults import FaultyExecutor
 from pipeline.testing.phantom import make_phantom
 
 SHAPE = (40, 48, 56)
@@ -160,8 +161,8 @@ def test_incomplete_output_is_reported_incomplete(phantom_run: dict[str, Any]) -
     bundle = threshold_bundle(phantom_run["scan"], classes=("matrix", "fibre", "<i>pore</i>"))
     seg = tmp / "partial.zarr"
     with pytest.raises(BlockFailedError, match="1 of 36 blocks failed"):
-        segment(phantom_run["scan"], bundle, seg, block=BLOCK, executor=SerialExecutor(retries=0), exact=True,
-                fail_first_attempt=("1-1-1",), qc=True)
+        segment(phantom_run["scan"], bundle, seg, block=BLOCK, exact=True, qc=True,
+                executor=FaultyExecutor(SerialExecutor(retries=0), tmp / "faults", fail=("1-1-1",)))
     assert not (seg / "qc").exists()  # no automatic QC of an unfinished run
     result = run_qc(seg, component_classes=["fibre"])
     data = result.data

@@ -19,6 +19,7 @@ from pipeline.io.bundle import init_bundle, save_bundle
 from pipeline.io.store import open_image
 from pipeline.segment.ledger import Ledger
 from pipeline.segment.run import segment
+from pipeline.testing.faults import FaultyExecutor
 
 SMALL = {"channels": 4, "dilations": [1, 2], "head": 4}
 
@@ -72,7 +73,7 @@ def test_failed_block_reported_by_id_output_incomplete_then_resumed(tmp_path, sc
     out = tmp_path / "s.zarr"
     # fails on the first attempt and no retries allowed: the run fails, naming the block
     with pytest.raises(BlockFailedError, match="1 of 12 blocks failed \\(0-1-2\\).*injected fault") as info:
-        _run(scan, model, out, executor=SerialExecutor(retries=0), fail_first_attempt=("0-1-2",))
+        _run(scan, model, out, executor=FaultyExecutor(SerialExecutor(retries=0), tmp_path / "faults", fail=("0-1-2",)))
     assert set(info.value.failed) == {"0-1-2"}
     assert open_image(out, kind="segmentation", require_complete=False).complete is False
     with pytest.raises(InputError, match="incomplete"):
@@ -87,15 +88,19 @@ def test_failed_block_reported_by_id_output_incomplete_then_resumed(tmp_path, sc
 
 
 def test_block_that_fails_once_is_retried(tmp_path, scan, model):
-    r = _run(scan, model, tmp_path / "s.zarr", executor=SerialExecutor(retries=1), fail_first_attempt=("1-0-0",))
+    executor = FaultyExecutor(SerialExecutor(retries=1), tmp_path / "faults", fail=("1-0-0",))
+    r = _run(scan, model, tmp_path / "s.zarr", executor=executor)
     assert not r.failed and r.blocks_done == 12
 
 
 def test_block_retried_on_dask(tmp_path, scan, model, dask_address):
-    from pipeline.compute.cluster import ClusterSpec
+    from distributed import Client
 
-    r = segment(scan, model, tmp_path / "s.zarr", block=16, cluster=ClusterSpec(kind="address", address=dask_address),
-                retries=1, fail_first_attempt=("0-0-1", "1-1-2"))
+    from pipeline.compute.executors import DaskExecutor
+
+    with Client(dask_address) as client:
+        executor = FaultyExecutor(DaskExecutor(client, retries=1), tmp_path / "faults", fail=("0-0-1", "1-1-2"))
+        r = segment(scan, model, tmp_path / "s.zarr", block=16, executor=executor)
     assert not r.failed and r.blocks_done == 12
     ref = tmp_path / "ref.zarr"
     _run(scan, model, ref)
@@ -105,7 +110,7 @@ def test_block_retried_on_dask(tmp_path, scan, model, dask_address):
 def test_force_recomputes_all_blocks(tmp_path, scan, model):
     out = tmp_path / "s.zarr"
     with pytest.raises(BlockFailedError):
-        _run(scan, model, out, executor=SerialExecutor(retries=0), fail_first_attempt=("0-0-0",))
+        _run(scan, model, out, executor=FaultyExecutor(SerialExecutor(retries=0), tmp_path / "faults", fail=("0-0-0",)))
     rec = RecordingReporter()
     _run(scan, model, out, force=True, reporter=rec)
     assert rec.advanced == 12
@@ -114,7 +119,7 @@ def test_force_recomputes_all_blocks(tmp_path, scan, model):
 def test_changed_model_or_blocks_invalidate_ledger(tmp_path, scan, model):
     out = tmp_path / "s.zarr"
     with pytest.raises(BlockFailedError):
-        _run(scan, model, out, executor=SerialExecutor(retries=0), fail_first_attempt=("0-0-0",))
+        _run(scan, model, out, executor=FaultyExecutor(SerialExecutor(retries=0), tmp_path / "faults", fail=("0-0-0",)))
     other = save_bundle(init_bundle(classes=("a", "b"), params=SMALL, seed=99), tmp_path / "other")
     with pytest.raises(LedgerMismatchError, match="model_fingerprint"):
         _run(scan, other, out)

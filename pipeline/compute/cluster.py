@@ -22,13 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.compute.cuda import (
-    activation_bytes_per_voxel,
-    auto_block,
     check_cuda_available,
-    choose_block,
     gpu_free_memory,
     import_dask_cuda,
-    model_widths,
     start_cuda_cluster,
 )
 from pipeline.compute.slurm import (
@@ -47,6 +43,8 @@ from pipeline.compute.slurm import (
     wait_for_slurm_workers,
 )
 from pipeline.core.errors import ClusterError, ConfigError
+from pipeline.core.tiling import choose_block
+from pipeline.models.footprint import activation_bytes_per_voxel, model_widths
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +352,7 @@ def _start_cluster(spec: ClusterSpec) -> Any:
 
 __all__ = [
     "KINDS", "RETAIN_HEAP_ENV", "SLURM_OPTIONS", "WORKER_HEAPS", "ClusterSpec", "activation_bytes_per_voxel",
-    "allocation_memory", "auto_block", "cancel_jobs_named", "check_cuda_available", "check_job_script",
+    "allocation_memory", "cancel_jobs_named", "check_cuda_available", "check_job_script",
     "choose_block", "cluster_job_ids", "cpu_count", "gpu_free_memory", "model_widths", "open_client", "preflight",
     "restore_sigint", "scale_slurm", "slurm_kwargs", "squeue_jobs", "start_cuda_cluster", "start_slurm_cluster",
     "validate_slurm_options", "wait_for_slurm_workers", "worker_environ",

@@ -1,8 +1,8 @@
-"""GPU workers: dask-cuda's LocalCUDACluster and block sizes from free GPU memory.
+"""GPU workers: dask-cuda's LocalCUDACluster and free GPU memory.
 
 One Dask worker per visible GPU, each advertising the Dask resource ``GPU=1`` (blocks ask for
-it, so they run only on GPU workers); :func:`auto_block` sizes blocks from free GPU memory
-(NVML, without a CUDA context here).
+it, so they run only on GPU workers); :func:`gpu_free_memory` reads free GPU memory (NVML,
+without a CUDA context here) for :func:`pipeline.segment.plan.auto_block`.
 ``dask_cuda`` is imported only on demand; without it or without a GPU the errors are one line.
 """
 
@@ -11,12 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import ClusterError, one_line
-from pipeline.core.tiling import choose_block
-from pipeline.models.footprint import activation_bytes_per_voxel, model_widths
 
 if TYPE_CHECKING:
     from pipeline.compute.cluster import ClusterSpec
@@ -104,27 +101,3 @@ def gpu_free_memory() -> list[int]:
         return []
     return [int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())]
 
-
-
-
-
-def auto_block(
-    model: Any, *, chunks: Sequence[int], volume: Sequence[int], precision: str = "fp32",
-    free_bytes: int | None = None,
-) -> tuple[int, int, int] | None:
-    """Block shape for GPU workers from the smallest free memory of the visible GPUs.
-
-    Returns None when no GPU memory figure is available (the caller keeps its default).
-    """
-    if free_bytes is None:
-        free = gpu_free_memory()
-        if not free:
-            return None
-        free_bytes = min(free)
-    widths = model_widths(model)
-    element = 2 if precision in ("bf16", "fp16") else 4
-    bpv = activation_bytes_per_voxel(widths, classes=int(model.classes), element_bytes=element)
-    block = choose_block(free_bytes, bpv, halo=int(model.halo), chunks=chunks, volume=volume,
-                         max_width=max(widths))
-    logger.info("block %s from %.1f GiB free GPU memory (%.0f bytes/voxel)", block, free_bytes / 2**30, bpv)
-    return block

@@ -26,16 +26,21 @@ from pipeline.core.errors import DiskFullError, InputError, LockError, OutputExi
 logger = logging.getLogger(__name__)
 
 
-def storage_error(out: Path, exc: OSError) -> StorageError:
-    """A one-line error for a failed write to ``out``; a full disk gives :class:`DiskFullError`."""
+def storage_error(out: Path | str, exc: OSError, *, what: str = "") -> StorageError:
+    """A one-line error for a failed write to ``out``; a full disk gives :class:`DiskFullError`.
+
+    The one place that maps ``errno`` to the error type. ``what`` names the part being written
+    (e.g. ``"block 0-1-2"``); the message then says "writing <what> failed".
+    """
     import errno
 
+    action = f"writing {what}" if what else "writing"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return DiskFullError(
-            f"{out}: writing failed ({exc.strerror}); free space on its filesystem or choose another output, "
+            f"{out}: {action} failed ({exc.strerror}); free space on its filesystem or choose another output, "
             "then rerun"
         )
-    return StorageError(f"{out}: writing failed ({exc}); check the path, permissions and free space")
+    return StorageError(f"{out}: {action} failed ({exc}); check the path, permissions and free space")
 
 
 def check_output(out: Path, *, inputs: Iterable[Path] = (), overwrite: bool = False) -> None:

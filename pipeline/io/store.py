@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 import numpy as np
 import zarr
@@ -45,7 +45,7 @@ CLEVEL = 1
 
 def compressor_for(dtype: np.dtype[Any]) -> BloscCodec:
     """Blosc-zstd level :data:`CLEVEL`, bit-shuffled for bytes, byte-shuffled for wider types."""
-    shuffle = "bitshuffle" if np.dtype(dtype).itemsize == 1 else "shuffle"
+    shuffle: Literal["bitshuffle", "shuffle"] = "bitshuffle" if np.dtype(dtype).itemsize == 1 else "shuffle"
     return BloscCodec(cname="zstd", clevel=CLEVEL, shuffle=shuffle)
 
 
@@ -154,13 +154,14 @@ def build_pyramid(
     while levels < max_levels and min(s // 2 ** levels for s in spatial) >= min_size:
         src = _array(group, f"{prefix}{levels - 1}")
         shape = (*src.shape[:-3], *(-(-s // 2) for s in src.shape[-3:]))
+        names: Any = getattr(src.metadata, "dimension_names", None)
         dst = create_array(
             group,
             f"{prefix}{levels}",
             shape=shape,
             dtype=src.dtype,
             chunks=src.chunks,
-            dimension_names=src.metadata.dimension_names or AXES,  # type: ignore[union-attr]
+            dimension_names=tuple(str(n) for n in names) if names else AXES,
         )
         step = [2 * c for c in src.chunks[-3:]]
         starts = itertools.product(*(range(0, n, st) for n, st in zip(src.shape[-3:], step, strict=True)))
@@ -183,9 +184,15 @@ def build_pyramid(
     return levels
 
 
+def studios_attrs(group: zarr.Group) -> dict[str, Any]:
+    """A copy of ``attributes["studios"]`` (empty if absent or not a mapping)."""
+    value: Any = group.attrs.get("studios", {})
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
 def set_studios_attrs(group: zarr.Group, **values: Any) -> None:
     """Merge ``values`` into ``attributes["studios"]``."""
-    current = dict(group.attrs.get("studios", {}))
+    current = studios_attrs(group)
     current.update(values)
     group.attrs["studios"] = current
 
@@ -233,14 +240,15 @@ def open_image(path: str | os.PathLike[str], *, kind: str | None = None, require
         raise InputError(f"{path}: is not a studios OME-Zarr image ({exc}); create it with 'studios ingest'") from None
     if not isinstance(array, zarr.Array):
         raise InputError(f"{path}: '0' is not an array; create it with 'studios ingest'")
-    attrs = dict(group.attrs.get("studios", {}))
+    attrs = studios_attrs(group)
     if kind is not None and attrs.get("kind") != kind:
         raise InputError(f"{path}: is a {attrs.get('kind', 'foreign')!r} image, expected {kind!r}")
     if require_complete and not attrs.get("complete", False):
         raise InputError(f"{path}: is incomplete (its run did not finish); rerun the command that writes it")
     voxel = (1.0, 1.0, 1.0)
     try:
-        scale = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+        ome: Any = group.attrs["ome"]
+        scale = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
         voxel = (float(scale[-3]), float(scale[-2]), float(scale[-1]))
     except (KeyError, IndexError, TypeError):
         logger.debug("%s: no OME scale metadata, assuming unit voxels", path)
@@ -248,7 +256,8 @@ def open_image(path: str | os.PathLike[str], *, kind: str | None = None, require
 
 
 #: Border rule shared by blocks and the whole-volume reference: replicate the edge voxels.
-PAD_MODE = "edge"
+PAD_MODE: Final = "edge"
+
 
 def read_padded(array: Any, block: Block, volume_shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
     """Read ``block.read`` from ``array`` (Z, Y, X), edge-padding outside the volume.
@@ -263,3 +272,23 @@ def read_padded(array: Any, block: Block, volume_shape: tuple[int, ...]) -> np.n
     if any(a or b for a, b in pad):
         data = np.pad(data, pad, mode=PAD_MODE)
     return data
+
+
+def write_box(array: Any, box: Box, data: np.ndarray[Any, Any], *, where: str | Path = "", what: str = "") -> None:
+    """Write ``data`` into the (Z, Y, X) box ``box`` of ``array``; leading axes (e.g. classes) whole.
+
+    Args:
+        array: a zarr array (Z, Y, X) or (C, Z, Y, X).
+        data: ``box.shape`` or ``(C, *box.shape)``, the array's dtype.
+        where, what: name the output and the part for the error message.
+
+    Raises:
+        DiskFullError: the filesystem is full (stop the run); StorageError: any other write error.
+    """
+    from pipeline.io.outputs import storage_error
+
+    lead = (slice(None),) * (len(array.shape) - len(box.shape))
+    try:
+        array[(*lead, *box.to_slices())] = data
+    except OSError as exc:
+        raise storage_error(where or str(getattr(array, "store", "")), exc, what=what) from None

@@ -8,7 +8,6 @@ the top-two margin is below :data:`MARGIN` (float rounding), and probabilities w
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,11 +17,23 @@ import zarr
 
 from pipeline.core.errors import ModelError
 from pipeline.core.geometry import Box
-from pipeline.core.tiling import Block, grid_shape
-from pipeline.io.store import Image
+from pipeline.core.tiling import Block
+from pipeline.io.store import Image, read_padded
 
 MARGIN = 1e-5  # top-two margin under which a label flip is explained by float rounding
 LOW_PRECISION_TOLERANCE = 2e-2  # the same margin, and the probability tolerance, for bf16/fp16 runs
+
+F32 = np.ndarray[Any, np.dtype[np.float32]]
+
+
+def _centres(blocks: Sequence[Block], shape: Sequence[int]) -> list[list[int]]:
+    """Per axis: the block faces of the run's grid (starts of blocks after the first), or the
+    middle of the axis where the grid has one block along it."""
+    out = []
+    for a, s in enumerate(shape):
+        faces = sorted({b.write.offset[a] for b in blocks if b.index[a] > 0})
+        out.append(faces or [int(s) // 2])
+    return out
 
 
 def seam_check(
@@ -35,6 +46,11 @@ def seam_check(
     edge: int,
     device: str,
 ) -> dict[str, Any]:
+    """Recompute ``samples`` boxes of edge ``edge`` centred on block corners; see the module docstring.
+
+    Returns:
+        The ``seam_check`` section of qc.json.
+    """
     exact = bool(manifest.get("exact", False))
     precision = str(manifest.get("precision", "fp32"))
     out: dict[str, Any] = {
@@ -51,24 +67,17 @@ def seam_check(
     if not run_block:
         out["reason"] = "the output records no block shape"
         return out
-    bshape = tuple(min(int(b), s) for b, s in zip(run_block, shape, strict=True))
-    grid = grid_shape(shape, bshape)
-    if all(g == 1 for g in grid):
+    from pipeline.segment.plan import seam_grid
+
+    grid_blocks = seam_grid(shape, run_block, 0)
+    if len(grid_blocks) == 1:
         out["status"], out["reason"] = "not_applicable", "the output is a single block: it has no seams"
         return out
     if scan is None:
         out["reason"] = "the scan is not available"
         return out
     from pipeline.io.bundle import load_bundle
-    from pipeline.io.store import read_padded
-    from pipeline.segment.predict import (
-        forward,
-        numerics,
-        quantize,
-        resolve_device,
-        to_labels,
-        top2_margin,
-    )
+    from pipeline.segment.predict import predict, quantize, resolve_device, to_labels, top2_margin
 
     try:
         bundle = load_bundle(image.path / "model")
@@ -78,10 +87,14 @@ def seam_check(
     if manifest.get("model_fingerprint") not in (None, bundle.fingerprint):
         out["reason"] = "the model saved in the output differs from the one the run used"
         return out
-    model = bundle.build().to(resolve_device(device))
+    dev = resolve_device(device)
+    model = bundle.build().to(dev)
     offset, scale = bundle.normalization.affine(scan.stats)
+    halo = bundle.halo
+    blocks = seam_grid(shape, run_block, halo)  # the run's blocks, with the model's halo
+    bshape = blocks[0].write.shape
     box_shape = tuple(min(b, edge, s) for b, s in zip(bshape, shape, strict=True))
-    centres = [[i * b for i in range(1, g)] if g > 1 else [s // 2] for g, b, s in zip(grid, bshape, shape, strict=True)]
+    centres = _centres(blocks, shape)
     n_all = math.prod(len(c) for c in centres)
     rng = np.random.default_rng(0)
     picks = sorted(rng.choice(n_all, size=min(samples, n_all), replace=False).tolist())
@@ -89,47 +102,25 @@ def seam_check(
     out["probability_reference"] = "stored" if probs is not None else "recomputed_on_run_grid"
     volume = tuple(shape)
 
-    extra = {"precision": precision} if precision != "fp32" else {}
     margin, tolerance = (MARGIN, 1e-4) if precision == "fp32" else (LOW_PRECISION_TOLERANCE,) * 2
     if exact:
         tolerance = 0.0
     elif probs is not None:
         tolerance = max(tolerance, 1.0 / 255.0)
 
-    def predict(box: Box) -> np.ndarray:
-        blk = Block(index=(0, 0, 0), write=box, read=box.grow(bundle.halo))
-        with numerics(exact=exact):
-            return forward(model, read_padded(scan.array, blk, volume), offset=offset, scale=scale,
-                           device=resolve_device(device), **extra)
+    def run_predict(pieces: Sequence[Block]) -> list[F32]:
+        """What the worker computes for each piece (its read box through :func:`predict`).
 
-    def predict_batch(boxes: Sequence[Box]) -> list[np.ndarray]:
-        """Same as ``predict`` per box; equal-shaped boxes go through the model as one batch.
-
-        Small pieces one by one cost ~5x their voxels in per-call overhead; the batch axis does
-        not change any voxel's arithmetic (each sample is convolved on its own).
+        Equal-shaped pieces go through the model as one batch: small pieces one by one cost
+        ~5x their voxels in per-call overhead, and the batch axis changes no voxel's arithmetic.
         """
-        import torch
-
-        from pipeline.core.normalize import apply_affine
-        from pipeline.segment.predict import softmax_channels
-
-        out: dict[Box, np.ndarray] = {}
-        dev = resolve_device(device)
-        for shape_ in sorted({b.shape for b in boxes}):
-            group = [b for b in boxes if b.shape == shape_]
-            raw = [read_padded(scan.array, Block((0, 0, 0), b, b.grow(bundle.halo)), volume) for b in group]
-            x = torch.from_numpy(np.stack([apply_affine(r, offset, scale) for r in raw]))[:, None].to(dev)
-            with numerics(exact=exact):
-                if extra:
-                    from pipeline.segment.predict import autocast
-
-                    with autocast(dev, precision):
-                        logits = model(x).float()
-                else:
-                    logits = model(x)
-                probs_ = softmax_channels(logits).float().cpu().numpy()
-            out.update(zip(group, probs_, strict=True))
-        return [out[b] for b in boxes]
+        found: dict[Box, F32] = {}
+        for read_shape in sorted({p.read.shape for p in pieces}):
+            group = [p for p in pieces if p.read.shape == read_shape]
+            raw = np.stack([read_padded(scan.array, p, volume) for p in group])
+            batch = predict(model, raw, offset=offset, scale=scale, device=dev, precision=precision, exact=exact)
+            found.update(zip((p.write for p in group), batch, strict=True))
+        return [found[p.write] for p in pieces]
 
     total_diff = unexplained = compared = 0
     worst = 0.0
@@ -137,7 +128,7 @@ def seam_check(
         centre = [centres[a][i] for a, i in enumerate(np.unravel_index(flat, [len(c) for c in centres]))]
         start = tuple(int(min(max(c - e // 2, 0), s - e)) for c, e, s in zip(centre, box_shape, shape, strict=True))
         box = Box(start, box_shape)
-        p = predict(box)
+        (p,) = run_predict([Block(index=(0, 0, 0), write=box, read=box.grow(halo))])
         stored = np.asarray(image.array[box.to_slices()])
         valid = stored > 0
         differ = valid & (to_labels(p) != stored)
@@ -149,14 +140,10 @@ def seam_check(
             diff = float(d[valid].max()) / 255.0 if valid.any() else 0.0
         else:
             ref = np.empty_like(p)
-            first = [o // b for o, b in zip(box.offset, bshape, strict=True)]
-            last = [(e - 1) // b for e, b in zip(box.end, bshape, strict=True)]
-            pieces = [
-                Box(tuple(i * b for i, b in zip(index, bshape, strict=True)), bshape).intersect(box)
-                for index in itertools.product(*(range(f, l_ + 1) for f, l_ in zip(first, last, strict=True)))
-            ]
-            for piece, piece_probs in zip(pieces, predict_batch(pieces), strict=True):
-                ref[(slice(None), *piece.relative_to(box).to_slices())] = piece_probs
+            pieces = [Block(b.index, part, part.grow(halo)) for b in blocks
+                      if not (part := b.write.intersect(box)).empty]
+            for piece, piece_probs in zip(pieces, run_predict(pieces), strict=True):
+                ref[(slice(None), *piece.write.relative_to(box).to_slices())] = piece_probs
             d = np.abs(p - ref).max(axis=0)
             diff = float(d[valid].max()) if valid.any() else 0.0
         n_valid = int(np.count_nonzero(valid))

@@ -49,21 +49,92 @@ def resolve_device(name: str = "cpu") -> torch.device:
     return device
 
 
+def _flags() -> tuple[bool, bool, bool]:
+    """(oneDNN, cuDNN TF32, matmul TF32): the process-global flags that ``exact`` turns off."""
+    return (bool(torch.backends.mkldnn.enabled), bool(torch.backends.cudnn.allow_tf32),
+            bool(torch.backends.cuda.matmul.allow_tf32))
+
+
+def _set_flags(flags: tuple[bool, bool, bool]) -> None:
+    torch.backends.mkldnn.enabled = flags[0]  # type: ignore[assignment]  # a module-level property
+    torch.backends.cudnn.allow_tf32 = flags[1]  # type: ignore[assignment]
+    torch.backends.cuda.matmul.allow_tf32 = flags[2]
+
+
+class NumericsGate:
+    """Per-process gate around torch's global numerics flags (oneDNN, TF32).
+
+    The flags are process-global, so two threads running blocks with different numerics must
+    not interleave: a block in mode ``m`` enters when no block of another mode is running (the
+    first one in sets the flags, the last one out restores what it found); blocks of the same
+    mode run concurrently. A mode that is waiting blocks newcomers of the running mode, so
+    neither mode starves. Re-entering the held mode from the same thread is allowed; switching
+    modes while holding the gate is an error (it would deadlock).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._mode: bool | None = None  # exact? of the blocks inside; None when empty
+        self._active = 0
+        self._waiting = {False: 0, True: 0}
+        self._saved: tuple[bool, bool, bool] | None = None
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def hold(self, *, exact: bool) -> Iterator[None]:
+        depth: dict[bool, int] = self._local.__dict__.setdefault("depth", {})
+        if depth.get(not exact):
+            raise RuntimeError("numerics(exact=...) cannot switch modes inside another numerics() block")
+        if depth.get(exact):
+            depth[exact] += 1
+            try:
+                yield
+            finally:
+                depth[exact] -= 1
+            return
+        self._enter(exact)
+        depth[exact] = 1
+        try:
+            yield
+        finally:
+            depth[exact] = 0
+            self._exit()
+
+    def _enter(self, exact: bool) -> None:
+        with self._cond:
+            self._waiting[exact] += 1
+            while self._active and (self._mode != exact or self._waiting[not exact]):
+                self._cond.wait()
+            self._waiting[exact] -= 1
+            if not self._active:
+                self._saved = _flags()
+                if exact:
+                    _set_flags((False, False, False))
+                self._mode = exact
+            self._active += 1
+
+    def _exit(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if not self._active:
+                if self._saved is not None:
+                    _set_flags(self._saved)
+                self._mode = self._saved = None
+                self._cond.notify_all()
+
+
+_GATE = NumericsGate()
+
+
 @contextlib.contextmanager
 def numerics(*, exact: bool) -> Iterator[None]:
-    """Inference numerics: oneDNN off and no TF32 when ``exact``; inference mode always."""
-    saved = torch.backends.mkldnn.enabled
-    saved_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    try:
-        if exact:
-            torch.backends.mkldnn.enabled = False
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-        with torch.inference_mode():
-            yield
-    finally:
-        torch.backends.mkldnn.enabled = saved
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+    """Inference numerics: oneDNN off and no TF32 when ``exact``; inference mode always.
+
+    Thread-safe: goes through the process's :class:`NumericsGate`, so a block with other
+    numerics waits until the running ones finish instead of flipping the flags under them.
+    """
+    with _GATE.hold(exact=exact), torch.inference_mode():
+        yield
 
 
 def autocast(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager[Any]:
@@ -75,6 +146,27 @@ def autocast(device: torch.device, precision: str = "fp32") -> contextlib.Abstra
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
+
+def predict(
+    model: StridefreeModel,
+    data: np.ndarray[Any, Any],
+    *,
+    offset: float,
+    scale: float,
+    device: torch.device | None = None,
+    precision: str = "fp32",
+    exact: bool = False,
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """:func:`forward` under the run's :func:`numerics`: what a block (and the seam check) computes.
+
+    Args:
+        data: (Z + 2h, Y + 2h, X + 2h) raw intensities of a read box, or (N, ...) equal-shaped boxes.
+
+    Returns:
+        (K, Z, Y, X) float32 probabilities (or (N, K, Z, Y, X) for a batch).
+    """
+    with numerics(exact=exact):
+        return forward(model, data, offset=offset, scale=scale, device=device, precision=precision)
 
 
 def forward(
@@ -89,16 +181,19 @@ def forward(
     """Normalise and predict class probabilities.
 
     Args:
-        data: (Z + 2h, Y + 2h, X + 2h) raw intensities, any numeric dtype.
+        data: (Z + 2h, Y + 2h, X + 2h) raw intensities, any numeric dtype; or (N, ...) a batch
+            of equal-shaped boxes (the batch axis changes no voxel's arithmetic).
         offset, scale: the global affine normalisation ``(x - offset) * scale``.
         precision: ``fp32`` (default, exact), or ``bf16``/``fp16``: the model runs under
             ``torch.autocast`` and the softmax in float32 (see docs/gpu.md for the deviation).
 
     Returns:
-        (K, Z, Y, X) float32 softmax probabilities on the CPU.
+        (K, Z, Y, X) float32 softmax probabilities on the CPU ((N, K, Z, Y, X) for a batch).
     """
     device = device or torch.device("cpu")
-    x = torch.from_numpy(apply_affine(data, offset, scale))[None, None]
+    batch = data.ndim == 4
+    x = torch.from_numpy(apply_affine(data, offset, scale))
+    x = x[:, None] if batch else x[None, None]
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
     elif torch.backends.mkldnn.enabled and precision == "fp32":  # not in exact mode: its kernels stay
@@ -108,7 +203,8 @@ def forward(
         logits = model(x)
     if precision != "fp32":
         logits = logits.float()
-    return softmax_channels(logits)[0].float().cpu().numpy()
+    probs = softmax_channels(logits).float().cpu().numpy()
+    return probs if batch else probs[0]
 
 
 _CHANNELS_LAST: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, ...], torch.nn.Module]] = (
@@ -133,7 +229,8 @@ def _channels_last(model: StridefreeModel) -> StridefreeModel:
         hit = _CHANNELS_LAST.get(model)
         if hit is None or hit[0] != version:
             with torch.inference_mode(False), torch.no_grad():
-                fast = copy.deepcopy(model).to(memory_format=torch.channels_last_3d).requires_grad_(False)
+                fast = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+                fast.requires_grad_(False)
             hit = (version, fast)
             _CHANNELS_LAST[model] = hit
         return hit[1]  # type: ignore[return-value]
@@ -166,9 +263,8 @@ def predict_volume(
     Returns:
         (K, Z, Y, X) float32 probabilities.
     """
-    padded = np.pad(volume, model.halo, mode=PAD_MODE)
-    with numerics(exact=exact):
-        return forward(model, padded, offset=offset, scale=scale)
+    padded = np.pad(np.asarray(volume), int(model.halo), mode=PAD_MODE)
+    return predict(model, padded, offset=offset, scale=scale, exact=exact)
 
 
 def to_labels(probs: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.uint8]]:

@@ -19,52 +19,46 @@ import dataclasses
 import datetime as dt
 import logging
 import os
-import shutil
 import socket
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zarr
 
 from pipeline import __version__
-from pipeline.compute.cluster import ClusterSpec, auto_block, open_client, preflight
+from pipeline.compute.cluster import ClusterSpec, open_client, preflight
 from pipeline.compute.executors import DaskExecutor, Executor, RunOutcome, SerialExecutor
 from pipeline.core.errors import (
     BlockFailedError,
     ConfigError,
     DiskFullError,
     InputError,
-    OutputExistsError,
     StudiosError,
 )
 from pipeline.core.progress import NullReporter, Reporter
-from pipeline.core.tiling import grid_shape, plan_blocks
-from pipeline.io.bundle import ModelBundle, load_bundle, save_bundle
-from pipeline.io.outputs import OutputLock, check_output, storage_error
+from pipeline.io.bundle import ModelBundle, load_bundle
+from pipeline.io.outputs import OutputLock, storage_error
 from pipeline.io.store import (
-    DEFAULT_CHUNKS,
+    Image,
     build_pyramid,
-    create_array,
-    create_group,
-    fit_chunks,
     multiscales,
     open_image,
     set_studios_attrs,
+    studios_attrs,
 )
-from pipeline.segment.ledger import Ledger, check_manifest, field_names
+from pipeline.segment.ledger import SKIPPED, BlockStats, Ledger
+from pipeline.segment.output import open_output
+from pipeline.segment.plan import DEFAULT_BLOCK, make_plan, manifest
 from pipeline.segment.predict import PRECISIONS, resolve_device
 from pipeline.segment.worker import SegmentJob, run_block
 
 logger = logging.getLogger(__name__)
 
-#: CPU write-block edge. On CPUs 128^3 blocks (146^3 with the default halo, ~190 MiB of
-#: activations) run faster per voxel than 256^3 (1.26 GiB) despite the larger halo share: the
-#: working set stays closer to the caches (bench/throughput.py; docs/performance.md).
-DEFAULT_BLOCK = 128
+__all__ = ["DEFAULT_BLOCK", "SegmentResult", "segment", "serial"]
 
 
 @dataclass(frozen=True)
@@ -103,11 +97,15 @@ class SegmentResult:
         }
 
 
-def _block_shape(block: int | Sequence[int], chunks: Sequence[int]) -> tuple[int, int, int]:
-    shape = (block,) * 3 if isinstance(block, int) else tuple(int(b) for b in block)
-    if len(shape) != 3 or min(shape) < 1:
-        raise InputError(f"block shape {block!r} must be one or three positive integers")
-    return shape  # type: ignore[return-value]
+@dataclass(frozen=True)
+class _Inputs:
+    """Validated inputs of a run."""
+
+    image: Image
+    bundle: ModelBundle
+    mask: Image | None
+    spec: ClusterSpec
+    device: str
 
 
 def segment(
@@ -131,8 +129,6 @@ def segment(
     retries: int = 2,
     reporter: Reporter | None = None,
     pyramid: bool = True,
-    fail_first_attempt: Sequence[str] = (),
-    hang_first_attempt: Sequence[str] = (),
     timeout: float | None = None,
     qc: bool = True,
 ) -> SegmentResult:
@@ -166,11 +162,55 @@ def segment(
     reporter = reporter or NullReporter()
     t_start = time.perf_counter()
     out = Path(output)
+    inputs = _validate(scan, model, mask, cluster=cluster, executor=executor, device=device,
+                       precision=precision, exact=exact)
+    bundle, image = inputs.bundle, inputs.image
+    plan = make_plan(image.shape, bundle.halo, block=block, chunks=chunks, device=inputs.device,
+                     model=bundle.build, precision=precision)
+    wanted = manifest(plan, scan=scan, fingerprint=bundle.fingerprint, probabilities=probabilities, exact=exact,
+                      precision=precision)
+    try:
+        with OutputLock(out, take_over=take_over_lock):
+            group, ledger, model_dir = open_output(out, plan, wanted, bundle, Path(scan), overwrite=overwrite,
+                                                    probabilities=probabilities)
+            todo = list(plan.blocks) if force else ledger.pending(plan.blocks)
+            n_resumed = len(plan.blocks) - len(todo)
+            if n_resumed:
+                logger.info("resuming %s: %d of %d blocks already done, skipped", out, n_resumed, len(plan.blocks))
+            job = _job(inputs, out, model_dir, probabilities=probabilities, exact=exact, precision=precision,
+                       skip_constant=skip_constant)
+            outcome = _dispatch(job, todo, executor=executor, cluster=inputs.spec, retries=retries,
+                                reporter=reporter, timeout=timeout)
+            result = _finish(group, out, image.shape, bundle, ledger, plan.blocks, outcome, n_resumed, t_start,
+                             pyramid)
+            if qc and not result.failed and result.blocks_done == result.blocks_total:
+                result = _quality_control(group, out, Path(scan), result, device=inputs.device)
+    except StudiosError:
+        raise
+    except OSError as exc:
+        raise storage_error(out, exc) from None
+    _raise_failures(out, outcome, result, len(plan.blocks))
+    return result
+
+
+def _validate(
+    scan: str | os.PathLike[str],
+    model: str | os.PathLike[str] | ModelBundle,
+    mask: str | os.PathLike[str] | None,
+    *,
+    cluster: ClusterSpec | None,
+    executor: Executor | None,
+    device: str | None,
+    precision: str,
+    exact: bool,
+) -> _Inputs:
+    """Open the scan, model and mask; check the device and numerics, before any output is written."""
     image = open_image(scan, kind="scan")
     bundle = model if isinstance(model, ModelBundle) else load_bundle(model)
     mask_image = open_image(mask) if mask is not None else None
     if mask_image is not None and mask_image.shape != image.shape:
-        raise InputError(f"{mask}: mask shape {mask_image.shape} differs from the scan {image.shape}; give a matching mask")
+        raise InputError(f"{mask}: mask shape {mask_image.shape} differs from the scan {image.shape}; "
+                         "give a matching mask")
     spec = cluster or ClusterSpec()
     device = device or (spec.device if executor is None else "cpu")
     if precision not in PRECISIONS:
@@ -181,81 +221,47 @@ def segment(
         preflight(spec)  # dask-cuda / GPUs / sbatch present, before any output is written
     if executor is not None or spec.kind == "local":
         resolve_device(device)  # blocks run here (or on this machine): the device must exist
-    if block is None:
-        block = DEFAULT_BLOCK
-        if device.startswith("cuda"):
-            gpu_chunks = fit_chunks(chunks or DEFAULT_CHUNKS, image.shape)
-            block = auto_block(bundle.build(), chunks=gpu_chunks, volume=image.shape, precision=precision) or block
-    block_shape = _block_shape(block, chunks or DEFAULT_CHUNKS)
-    chunk_shape = fit_chunks(chunks or tuple(min(b, c) for b, c in zip(block_shape, DEFAULT_CHUNKS, strict=True)), image.shape)
-    blocks = plan_blocks(image.shape, block_shape, bundle.halo, chunk_shape=chunk_shape)
-    grid = grid_shape(image.shape, block_shape)
-    offset, scale = bundle.normalization.affine(image.stats)
-    manifest = {
-        "scan": str(Path(scan).resolve()),
-        "model_fingerprint": bundle.fingerprint,
-        "block": list(block_shape),
-        "chunks": list(chunk_shape),
-        "probabilities": probabilities,
-        "exact": exact,
-        "precision": precision,
-    }
+    return _Inputs(image=image, bundle=bundle, mask=mask_image, spec=spec, device=device)
 
-    try:
-        with OutputLock(out, take_over=take_over_lock):
-            group, resumed = _prepare_output(out, manifest, overwrite=overwrite, inputs=[Path(scan)])
-            if not resumed:
-                _create_output(group, image.shape, chunk_shape, bundle, grid, probabilities=probabilities)
-                set_studios_attrs(group, ledger=manifest)
-            model_dir = out / "model"
-            if not (model_dir / "model.json").exists():
-                save_bundle(bundle, model_dir)
-            ledger = Ledger(group)
-            todo = blocks if force else ledger.pending(blocks)
-            n_resumed = len(blocks) - len(todo)
-            if n_resumed:
-                logger.info("resuming %s: %d of %d blocks already done, skipped", out, n_resumed, len(blocks))
-            job = SegmentJob(
-                scan=str(image.path),
-                output=str(out),
-                model=str(model_dir),
-                fingerprint=bundle.fingerprint,
-                classes=len(bundle.classes),
-                offset=offset,
-                scale=scale,
-                probabilities=probabilities,
-                device=device,
-                exact=exact,
-                skip_constant=skip_constant,
-                mask=str(mask_image.path) if mask_image else None,
-                torch_threads=spec.torch_threads(),
-                precision=precision,
-                fail_first_attempt=tuple(fail_first_attempt),
-                hang_first_attempt=tuple(hang_first_attempt),
-            )
-            outcome = _dispatch(
-                job, todo, executor=executor, cluster=spec, retries=retries, reporter=reporter, timeout=timeout
-            )
-            result = _finish(group, out, image.shape, bundle, ledger, blocks, outcome, n_resumed, t_start, pyramid)
-            if qc and not result.failed and result.blocks_done == result.blocks_total:
-                result = _quality_control(group, out, Path(scan), result, device=device)
-    except StudiosError:
-        raise
-    except OSError as exc:
-        raise storage_error(out, exc) from None
-    if outcome.failed:
-        log = _write_failure_log(out, outcome)
-        if outcome.fatal:
-            raise DiskFullError(outcome.fatal)
+
+def _job(
+    inputs: _Inputs, out: Path, model_dir: Path, *, probabilities: bool, exact: bool, precision: str,
+    skip_constant: bool,
+) -> SegmentJob:
+    bundle = inputs.bundle
+    offset, scale = bundle.normalization.affine(inputs.image.stats)
+    return SegmentJob(
+        scan=str(inputs.image.path),
+        output=str(out),
+        model=str(model_dir),
+        fingerprint=bundle.fingerprint,
+        classes=len(bundle.classes),
+        offset=offset,
+        scale=scale,
+        probabilities=probabilities,
+        device=inputs.device,
+        exact=exact,
+        skip_constant=skip_constant,
+        mask=str(inputs.mask.path) if inputs.mask else None,
+        torch_threads=inputs.spec.torch_threads(),
+        precision=precision,
+        run_id=uuid.uuid4().hex,
+    )
+
+
+def _raise_failures(out: Path, outcome: RunOutcome, result: SegmentResult, n_blocks: int) -> None:
+    """Write the failure log and raise :class:`DiskFullError` / :class:`BlockFailedError` if blocks failed."""
+    log = _write_failure_log(out, outcome) if outcome.failed else None
+    if outcome.fatal:
+        raise DiskFullError(outcome.fatal)
     if result.failed:
         ids = ", ".join(sorted(result.failed)[:10])
         first = next(iter(result.failed.values()))
         raise BlockFailedError(
-            f"{out}: {len(result.failed)} of {len(blocks)} blocks failed ({ids}); first error: {first}; "
+            f"{out}: {len(result.failed)} of {n_blocks} blocks failed ({ids}); first error: {first}; "
             f"the output is marked incomplete, rerun the same command to retry them; tracebacks in {log}",
             result.failed,
         )
-    return result
 
 
 def _write_failure_log(out: Path, outcome: RunOutcome) -> Path:
@@ -270,51 +276,6 @@ def _write_failure_log(out: Path, outcome: RunOutcome) -> Path:
     except OSError as exc:
         logger.error("could not write %s: %s", log, exc)
     return log
-
-
-def _prepare_output(
-    out: Path, manifest: dict[str, Any], *, overwrite: bool, inputs: Sequence[Path]
-) -> tuple[zarr.Group, bool]:
-    """Open an unfinished output to resume, or create a fresh one. Returns (group, resumed)."""
-    if out.exists():
-        try:
-            group = zarr.open_group(str(out), mode="r+")
-            attrs = dict(group.attrs.get("studios", {}))
-        except Exception:
-            attrs = {}
-            group = None
-        finished = attrs.get("complete", False)
-        if group is not None and attrs.get("kind") == "segmentation" and not finished and not overwrite:
-            check_manifest(attrs.get("ledger"), manifest, str(out))
-            return group, True
-        if not overwrite:
-            what = "a finished segmentation" if finished else "something that is not a studios segmentation"
-            raise OutputExistsError(f"{out}: already holds {what}; pass --overwrite to replace it or choose another path")
-        check_output(out, inputs=inputs, overwrite=True)
-        shutil.rmtree(out)
-    else:
-        check_output(out, inputs=inputs, overwrite=overwrite)
-    return create_group(out), False
-
-
-def _create_output(
-    group: zarr.Group,
-    shape: tuple[int, ...],
-    chunks: tuple[int, ...],
-    bundle: ModelBundle,
-    grid: Sequence[int],
-    *,
-    probabilities: bool,
-) -> None:
-    set_studios_attrs(group, kind="segmentation", complete=False, classes=list(bundle.classes))
-    create_array(group, "0", shape=shape, dtype="uint8", chunks=chunks)
-    if probabilities:
-        probs = group.create_group("probabilities")
-        create_array(
-            probs, "0", shape=(len(bundle.classes), *shape), dtype="uint8",
-            chunks=(len(bundle.classes), *chunks), dimension_names=("c", "z", "y", "x"),
-        )
-    Ledger.create(group, grid, field_names(len(bundle.classes)))
 
 
 def _dispatch(
@@ -352,12 +313,12 @@ def _finish(
     totals = ledger.totals()
     mask = ledger.done_mask()
     n_done = int((mask > 0).sum())
-    n_skipped = int((mask == 2).sum())
-    stage = {k: totals.get(k, 0.0) for k in ("read_s", "normalize_s", "forward_s", "write_s")}
-    counts = np.array([totals.get(f"count_{k + 1}", 0.0) for k in range(len(bundle.classes))])
-    fractions = {c: float(n / counts.sum()) if counts.sum() else 0.0 for c, n in zip(bundle.classes, counts, strict=True)}
+    n_skipped = int((mask == SKIPPED).sum())
+    counts = totals.counts
+    total = float(counts.sum())
+    fractions = {c: float(n) / total if total else 0.0 for c, n in zip(bundle.classes, counts, strict=True)}
     seconds = time.perf_counter() - t_start
-    computed_voxels = sum(r.get("voxels", 0) for r in outcome.results)
+    computed_voxels = sum(_stats(r).voxels for r in outcome.results)
     result = SegmentResult(
         path=out,
         shape=shape,
@@ -369,7 +330,7 @@ def _finish(
         failed=dict(outcome.failed),
         seconds=seconds,
         voxels_per_second=computed_voxels / outcome.seconds if outcome.seconds else 0.0,
-        stage_seconds={**stage, "dispatch": outcome.seconds},
+        stage_seconds={**totals.stage_seconds, "dispatch": outcome.seconds},
         class_fractions=fractions,
     )
     run = {**result.to_json(), "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -385,6 +346,13 @@ def _finish(
     set_studios_attrs(group, run=run)
     set_studios_attrs(group, complete=True)
     return result
+
+
+def _stats(result: Mapping[str, Any]) -> BlockStats:
+    stats = result["stats"]
+    if not isinstance(stats, BlockStats):
+        raise TypeError(f"block {result.get('id')}: the block function returned no BlockStats")
+    return stats
 
 
 def _quality_control(
@@ -403,13 +371,13 @@ def _quality_control(
         info = {"json": str(report.json_path), "report": str(report.report_path), "status": report.status,
                 "warnings": len(report.warnings)}
         result = dataclasses.replace(result, qc=report.report_path)
-    set_studios_attrs(group, run={**dict(group.attrs.get("studios", {}).get("run", {})), "qc": info})
+    set_studios_attrs(group, run={**dict(studios_attrs(group).get("run") or {}), "qc": info})
     return result
 
 
 def _voxel_size(group: zarr.Group, out: Path) -> tuple[float, float, float]:
-    scan = group.attrs.get("studios", {}).get("ledger", {}).get("scan")
-    if scan:
+    scan = (studios_attrs(group).get("ledger") or {}).get("scan")
+    if isinstance(scan, str) and scan:
         try:
             return open_image(scan, require_complete=False).voxel_size
         except InputError:

@@ -1,46 +1,51 @@
 """The per-block task that runs on a worker.
 
 A task receives a :class:`SegmentJob` (paths and a few numbers) and a :class:`Block`
-(coordinates); it never receives voxel data. It reads block + halo from the scan, normalises
-with the global affine map, predicts, trims the halo (the model is valid, so its output *is*
-the write box), writes its own output chunks, then its ledger record and done-marker.
+(coordinates); it never receives voxel data. Its path, one step per module::
 
-The model is loaded once per worker process and cached.
+    store.read_padded -> predict.predict -> trim (the model is valid: its output *is* the write box)
+      -> block_stats -> store.write_box (labels, probabilities) -> Ledger.mark (stats, then marker)
+
+Each worker process keeps a small cache (:class:`WorkerCache`): the model per (bundle,
+fingerprint, device), and the open arrays (scan, mask, outputs, ledger) per run. A run is
+identified by ``SegmentJob.run_id`` (new for every ``segment()`` call), so a new run or a
+replaced output never gets the handles of an earlier one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
 
-from pipeline.core.errors import DiskFullError, StorageError
+from pipeline.core.errors import StorageError
 from pipeline.core.geometry import Box
 from pipeline.core.tiling import Block
 from pipeline.io.bundle import load_bundle
-from pipeline.io.store import read_padded
+from pipeline.io.outputs import storage_error
+from pipeline.io.store import read_padded, write_box
 from pipeline.models.base import StridefreeModel
-from pipeline.segment.ledger import CONF_BINS, BlockRecord, Ledger
-from pipeline.segment.predict import forward, numerics, quantize, resolve_device, to_labels
+from pipeline.segment.ledger import CONF_BINS, BlockStats, Ledger
+from pipeline.segment.predict import predict, quantize, resolve_device, to_labels
 
 logger = logging.getLogger(__name__)
-
-_CACHE: dict[tuple[str, str, str], StridefreeModel] = {}
-_CACHE_LOCK = threading.Lock()
-_THREADS_SET = False
 
 
 @dataclass(frozen=True, slots=True)
 class SegmentJob:
-    """Everything a worker needs besides the block (all small, picklable values)."""
+    """Everything a worker needs besides the block (all small, picklable values).
+
+    ``run_id`` is unique per ``segment()`` call; it keys the worker's cache of open arrays.
+    """
 
     scan: str
     output: str
@@ -56,79 +61,116 @@ class SegmentJob:
     mask: str | None = None
     torch_threads: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; see docs/gpu.md)
-    fail_first_attempt: tuple[str, ...] = ()  # fault injection for tests: block ids
-    hang_first_attempt: tuple[str, ...] = ()  # fault injection: first attempt sleeps 60 s
+    run_id: str = ""
 
 
-def _model(job: SegmentJob) -> StridefreeModel:
-    key = (job.model, job.fingerprint, job.device)
-    with _CACHE_LOCK:
-        model = _CACHE.get(key)
-        if model is None:
-            bundle = load_bundle(job.model)
-            model = bundle.build().to(resolve_device(job.device))
-            _CACHE[key] = model
-            logger.info("loaded model %s on %s (pid %d)", job.model, job.device, os.getpid())
-        return model
+@dataclass(frozen=True, slots=True)
+class OpenRun:
+    """The arrays one run's blocks read and write, opened once per worker process."""
+
+    scan: zarr.Array
+    mask: zarr.Array | None
+    labels: zarr.Array
+    probabilities: zarr.Array | None
+    ledger: Ledger
 
 
-def _set_threads(job: SegmentJob) -> None:
-    global _THREADS_SET
-    if job.torch_threads and not _THREADS_SET:
-        torch.set_num_threads(job.torch_threads)
-        _THREADS_SET = True
+def _array(group: zarr.Group, name: str, where: str) -> zarr.Array:
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise StorageError(f"{where}: {name!r} is not an array; rewrite it with --overwrite or re-ingest")
+    return node
 
 
-def _open(job: SegmentJob) -> tuple[zarr.Array, zarr.Group]:
-    scan = zarr.open_group(job.scan, mode="r")["0"]
+def open_run(job: SegmentJob) -> OpenRun:
+    """Open the scan, mask, output arrays and ledger of ``job``."""
     out = zarr.open_group(job.output, mode="r+")
-    if not isinstance(scan, zarr.Array):
-        raise StorageError(f"{job.scan}: '0' is not an array; re-ingest the scan")
-    return scan, out
+    mask = _array(zarr.open_group(job.mask, mode="r"), "0", job.mask) if job.mask is not None else None
+    return OpenRun(
+        scan=_array(zarr.open_group(job.scan, mode="r"), "0", job.scan),
+        mask=mask,
+        labels=_array(out, "0", job.output),
+        probabilities=_array(out, "probabilities/0", job.output) if job.probabilities else None,
+        ledger=Ledger(out),
+    )
 
 
-def _attempt_marker(job: SegmentJob, block: Block) -> Path:
-    return Path(job.output).with_name(Path(job.output).name + ".faults") / block.id
+class WorkerCache:
+    """Per-process cache of models and of open runs (least recently used first out).
+
+    Args:
+        runs: open runs kept (a worker serves one run at a time; a few cover overlapping runs).
+        models: models kept.
+    """
+
+    def __init__(self, *, runs: int = 4, models: int = 4) -> None:
+        self._lock = threading.Lock()
+        self._runs: OrderedDict[tuple[str, ...], OpenRun] = OrderedDict()
+        self._models: OrderedDict[tuple[str, str, str], StridefreeModel] = OrderedDict()
+        self._sizes = {"runs": runs, "models": models}
+        self._threads_set = False
+        self.misses = {"runs": 0, "models": 0}
+
+    def run(self, job: SegmentJob) -> OpenRun:
+        key = (job.run_id, job.scan, job.output, job.mask or "", str(job.probabilities))
+        with self._lock:
+            hit = self._runs.get(key)
+            if hit is None:
+                hit = open_run(job)
+                self.misses["runs"] += 1
+                self._runs[key] = hit
+                while len(self._runs) > self._sizes["runs"]:
+                    self._runs.popitem(last=False)
+            self._runs.move_to_end(key)
+            return hit
+
+    def model(self, job: SegmentJob) -> StridefreeModel:
+        key = (job.model, job.fingerprint, job.device)
+        with self._lock:
+            model = self._models.get(key)
+            if model is None:
+                model = load_bundle(job.model).build().to(resolve_device(job.device))
+                self.misses["models"] += 1
+                self._models[key] = model
+                while len(self._models) > self._sizes["models"]:
+                    self._models.popitem(last=False)
+                logger.info("loaded model %s on %s (pid %d)", job.model, job.device, os.getpid())
+            self._models.move_to_end(key)
+            return model
+
+    def set_threads(self, job: SegmentJob) -> None:
+        """``torch.set_num_threads(job.torch_threads)`` once per process (0: leave torch's default)."""
+        with self._lock:
+            if job.torch_threads and not self._threads_set:
+                torch.set_num_threads(job.torch_threads)
+                self._threads_set = True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._runs.clear()
+            self._models.clear()
 
 
-def _inject_fault(job: SegmentJob, block: Block) -> None:
-    """Test hook: the first attempt of the named blocks raises, or hangs (state kept on disk)."""
-    if block.id not in job.fail_first_attempt and block.id not in job.hang_first_attempt:
-        return
-    marker = _attempt_marker(job, block)
-    if not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("first attempt\n")
-        if block.id in job.hang_first_attempt:
-            time.sleep(60)
-            return
-        raise RuntimeError(f"injected fault in block {block.id}")
+CACHE = WorkerCache()
 
 
-def write_error(job: SegmentJob, block: Block, exc: OSError) -> StorageError:
-    """The error for a failed write; a full disk is :class:`DiskFullError` (stops the run)."""
-    import errno
-
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return DiskFullError(
-            f"{job.output}: writing block {block.id} failed ({exc.strerror}); free space on its filesystem "
-            "and rerun the same command to resume"
-        )
-    return StorageError(f"{job.output}: writing block {block.id} failed ({exc}); check the output's filesystem")
-
-
-def block_statistics(
+def block_stats(
     raw: np.ndarray[Any, Any], probs: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], classes: int
-) -> dict[str, float]:
+) -> BlockStats:
     """Per-block sums used by QC: class counts, per-class intensity sums, confidence histogram.
 
     Args:
         raw: (Z, Y, X) raw intensities of the write box.
         probs: (K, Z, Y, X) float32 probabilities.
         labels: (Z, Y, X) uint8 labels 1..K.
+
+    Returns:
+        The block's stats without stage times (the caller adds them).
     """
     flat = labels.reshape(-1).astype(np.int64) - 1
-    counts = np.bincount(flat, minlength=classes)
+    counts = np.bincount(flat, minlength=classes).astype(np.float64)
+    isum: np.ndarray[Any, np.dtype[np.float64]]
+    isum2: np.ndarray[Any, np.dtype[np.float64]]
     lo, hi = (int(raw.min()), int(raw.max())) if raw.dtype.kind in "ui" and raw.dtype.itemsize <= 2 else (0, -1)
     span = hi - lo + 1
     if span > 0 and classes * span <= 1 << 22:
@@ -141,8 +183,8 @@ def block_statistics(
         isum, isum2 = hist @ v, hist @ (v * v)
     else:
         values = raw.reshape(-1).astype(np.float64)
-        isum = np.bincount(flat, weights=values, minlength=classes)
-        isum2 = np.bincount(flat, weights=values * values, minlength=classes)
+        isum = np.bincount(flat, weights=values, minlength=classes).astype(np.float64)
+        isum2 = np.bincount(flat, weights=values * values, minlength=classes).astype(np.float64)
     top = probs[0]  # max over classes, plane by plane (faster than max(axis=0) on forward()'s layout)
     for k in range(1, len(probs)):
         top = np.maximum(top, probs[k])
@@ -151,90 +193,67 @@ def block_statistics(
     plogp = np.log(p)
     plogp *= p
     entropy = -float(plogp.sum(dtype=np.float64))
-    out: dict[str, float] = {}
-    for k in range(classes):
-        out[f"count_{k + 1}"] = float(counts[k])
-        out[f"isum_{k + 1}"] = float(isum[k])
-        out[f"isum2_{k + 1}"] = float(isum2[k])
-    for i in range(CONF_BINS):
-        out[f"conf_{i}"] = float(conf[i])
-    out["entropy_sum"] = entropy
-    return out
+    return BlockStats(classes=classes, voxels=float(labels.size), counts=counts, isum=isum, isum2=isum2,
+                      confidence=conf.astype(np.float64), entropy_sum=entropy)
 
 
-def run_block(job: SegmentJob, block: Block) -> dict[str, Any]:
+def _skip(run: OpenRun, job: SegmentJob, block: Block, why: str, *, read_s: float = 0.0) -> dict[str, Any]:
+    stats = BlockStats(classes=job.classes, voxels=float(block.write.size), skipped=1.0, read_s=read_s)
+    try:
+        run.ledger.mark(block, stats)
+    except OSError as exc:
+        raise storage_error(job.output, exc, what=f"the ledger of block {block.id}") from None
+    logger.debug("block %s: %s, skipped", block.id, why)
+    return {"id": block.id, "index": block.index, "stats": stats}
+
+
+def run_block(job: SegmentJob, block: Block, *, cache: WorkerCache = CACHE) -> dict[str, Any]:
     """Segment one block and record it in the ledger.
 
     Returns:
-        ``{"id", "index", "skipped", "voxels", "read_s", "normalize_s", "forward_s", "write_s"}``.
+        ``{"id": str, "index": tuple, "stats": BlockStats}``.
     """
-    _set_threads(job)
-    _inject_fault(job, block)
+    cache.set_threads(job)
     try:
-        scan, out = _open(job)
+        run = cache.run(job)
     except (OSError, KeyError, ValueError) as exc:
         raise StorageError(f"block {block.id}: cannot open the scan or output ({exc})") from exc
-    ledger = Ledger(out)
-    labels_arr = out["0"]
-    volume = tuple(scan.shape)
     write_slices = block.write.to_slices()
+    volume = tuple(run.scan.shape)
     t0 = time.perf_counter()
-
-    if job.mask is not None:
-        mask = np.asarray(zarr.open_group(job.mask, mode="r")["0"][write_slices])
-        if not mask.any():
-            record = BlockRecord(block.id, block.index, {"voxels": block.write.size, "skipped": 1})
-            ledger.mark(record, skipped=True)
-            logger.debug("block %s: outside the mask, skipped", block.id)
-            return {"id": block.id, "index": block.index, "skipped": True, "voxels": block.write.size}
-
+    if run.mask is not None and not np.asarray(run.mask[write_slices]).any():
+        return _skip(run, job, block, "outside the mask")
     try:
-        raw = read_padded(scan, block, volume)
+        raw = read_padded(run.scan, block, volume)
     except Exception as exc:  # codec errors from a corrupted chunk come in several types
         raise StorageError(
             f"{job.scan}: block {block.id} ({block.source(Box.from_shape(volume))}) could not be read "
             f"({type(exc).__name__}: {exc}); a chunk is corrupted or missing, re-ingest the scan"
         ) from None
     t_read = time.perf_counter() - t0
-    if job.skip_constant:
-        src = raw[block.write.relative_to(block.read).to_slices()]
-        if src.min() == src.max():
-            record = BlockRecord(block.id, block.index, {"voxels": block.write.size, "skipped": 1, "read_s": t_read})
-            ledger.mark(record, skipped=True)
-            logger.debug("block %s: constant input, skipped", block.id)
-            return {"id": block.id, "index": block.index, "skipped": True, "voxels": block.write.size}
-
-    model = _model(job)
-    device = resolve_device(job.device)
-    with numerics(exact=job.exact):
-        t1 = time.perf_counter()
-        probs = forward(model, raw, offset=job.offset, scale=job.scale, device=device, precision=job.precision)
-        t_fwd = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    labels = to_labels(probs)
     inner = raw[block.write.relative_to(block.read).to_slices()]
-    stats = block_statistics(inner, probs, labels, job.classes)
-    t_norm = time.perf_counter() - t2  # post-processing; normalisation is fused into forward
+    if job.skip_constant and inner.min() == inner.max():
+        return _skip(run, job, block, "constant input", read_s=t_read)
+
+    model = cache.model(job)
+    t1 = time.perf_counter()
+    probs = predict(model, raw, offset=job.offset, scale=job.scale, device=resolve_device(job.device),
+                    precision=job.precision, exact=job.exact)
+    t_fwd = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    labels = to_labels(probs)  # (Z, Y, X): the valid model's output is the write box, nothing to trim
+    partial = block_stats(inner, probs, labels, job.classes)
+    t_post = time.perf_counter() - t2
     t3 = time.perf_counter()
-    try:
-        labels_arr[write_slices] = labels
-        if job.probabilities:
-            out["probabilities/0"][(slice(None), *write_slices)] = quantize(probs)
-    except OSError as exc:
-        raise write_error(job, block, exc) from None
+    what = f"block {block.id}"
+    write_box(run.labels, block.write, labels, where=job.output, what=what)
+    if run.probabilities is not None:
+        write_box(run.probabilities, block.write, quantize(probs), where=job.output, what=what)
     t_write = time.perf_counter() - t3
-    values = {
-        "voxels": float(block.write.size),
-        "read_s": t_read,
-        "normalize_s": t_norm,
-        "forward_s": t_fwd,
-        "write_s": t_write,
-        "skipped": 0.0,
-        **stats,
-    }
+    stats = dataclasses.replace(partial, read_s=t_read, normalize_s=t_post, forward_s=t_fwd, write_s=t_write)
     try:
-        ledger.mark(BlockRecord(block.id, block.index, values))
+        run.ledger.mark(block, stats)
     except OSError as exc:
-        raise write_error(job, block, exc) from None
+        raise storage_error(job.output, exc, what=f"the ledger of block {block.id}") from None
     logger.debug("block %s: %d voxels in %.3fs", block.id, block.write.size, time.perf_counter() - t0)
-    return {"id": block.id, "index": block.index, "skipped": False, **values}
+    return {"id": block.id, "index": block.index, "stats": stats}
