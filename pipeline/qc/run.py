@@ -122,7 +122,7 @@ import zarr
 
 from pipeline import __version__
 from pipeline.core.errors import InputError, StorageError
-from pipeline.core.geometry import Box
+from pipeline.core.geometry import AXES, Box
 from pipeline.core.metrics import scores
 from pipeline.core.progress import NullReporter, Reporter
 from pipeline.core.tiling import iter_blocks
@@ -135,7 +135,6 @@ from pipeline.segment.ledger import CONF_BINS, Ledger
 logger = logging.getLogger(__name__)
 
 SCHEMA = "studios-qc/1"
-AXES = ("z", "y", "x")
 HIST_BINS = 64
 _TOP = 5
 

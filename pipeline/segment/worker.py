@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.core.errors import DiskFullError, StorageError
+from pipeline.core.errors import DiskFullError, StorageError, is_disk_full
 from pipeline.core.geometry import Box
 from pipeline.core.tiling import Block
 from pipeline.io.bundle import load_bundle
@@ -107,9 +107,7 @@ def _inject_fault(job: SegmentJob, block: Block) -> None:
 
 def write_error(job: SegmentJob, block: Block, exc: OSError) -> StorageError:
     """The error for a failed write; a full disk is :class:`DiskFullError` (stops the run)."""
-    import errno
-
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if is_disk_full(exc):
         return DiskFullError(
             f"{job.output}: writing block {block.id} failed ({exc.strerror}); free space on its filesystem "
             "and rerun the same command to resume"

@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.geometry import AXES
 
 logger = logging.getLogger(__name__)
 
-AXES = ("z", "y", "x")
 IMAGE_SUFFIXES = (".png", ".bmp", ".gif", ".pgm", ".ppm", ".pnm")
 TIFF_SUFFIXES = (".tif", ".tiff")
 YAML_SUFFIXES = (".yaml", ".yml")
