@@ -93,7 +93,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.core.runconfig import load_run_config
+    from pipeline.core.settings import load_run_config
 
     overrides = {"output": str(args.output) if args.output else None, "source": args.source, "name": args.name,
                  "overwrite": args.overwrite}
@@ -147,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.interval is not None and args.interval <= 0:
         raise ConfigError("--interval must be > 0 seconds")
     if args.config is not None:
-        from pipeline.core.runconfig import load_run_config
+        from pipeline.core.settings import load_run_config
 
         load_run_config(args.config, require_source=False)
     air_gapped()

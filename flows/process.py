@@ -36,7 +36,7 @@ from pipeline.core.errors import (
     ModelError,
     OutputExistsError,
 )
-from pipeline.core.runconfig import (
+from pipeline.core.settings import (
     ClusterOptions,
     IngestOptions,
     ModelOptions,
@@ -96,7 +96,7 @@ def flow_run_links() -> dict[str, str]:
 def ingest_stage(source: str, output: Path, options: IngestOptions, *, overwrite: bool = False,
                  status: RunStatus | None = None, label: str = "") -> dict[str, Any]:
     """Reconstruction -> ``output`` (scan.zarr); a finished scan from the same source is reused."""
-    from pipeline.core.runconfig import _source_file
+    from pipeline.io.sources import source_file as _source_file
     from pipeline.ingest.run import ingest
     from pipeline.io.store import open_image
 
@@ -225,7 +225,7 @@ def qc_stage(seg: Path, *, scan: Path | None = None, truth: Path | None = None, 
 
 
 def _section(value: dict[str, Any] | None, cls: type, name: str) -> Any:
-    from pipeline.core.config import parse_section
+    from pipeline.core.schema import parse_section
 
     return parse_section(value or {}, cls, f"parameter {name}")
 
@@ -250,7 +250,7 @@ def ingest_flow(
     source: str, output: str, ingest: dict[str, Any] | None = None, overwrite: bool = False
 ) -> dict[str, Any]:
     """Convert a reconstruction into a studios OME-Zarr scan (``output``, a .zarr)."""
-    from pipeline.core.runconfig import resolve_source
+    from pipeline.core.settings import resolve_source
 
     with library_logs():
         options = _section(ingest, IngestOptions, "ingest")

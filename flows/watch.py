@@ -44,11 +44,12 @@ from prefect import flow
 
 from flows.runstate import RunStatus, atomic_write_json, now_iso, read_json
 from pipeline.core.hosts import holder_alive, holder_info
+from pipeline.io.sources import READABLE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
 STATE_SCHEMA = "studios-watch/1"
-SCAN_SUFFIXES = (".tif", ".tiff", ".h5", ".hdf5", ".hdf", ".nxs", ".npy", ".zarr", ".raw", ".vol", ".bin", ".dat")
+SCAN_SUFFIXES = READABLE_SUFFIXES
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~", ".lock", ".swp")
 INNER_MARKERS = ("DONE",)
 
@@ -119,7 +120,7 @@ def safe_name(text: str) -> str:
 
 def discover(incoming: Path, marker: str = ".complete") -> list[Candidate]:
     """All scan entries in ``incoming``, oldest first, with unique names."""
-    from pipeline.core.runconfig import scan_name_for
+    from pipeline.core.settings import scan_name_for
 
     entries = []
     for entry in incoming.iterdir():
@@ -294,9 +295,9 @@ def _watch_settings(
     config: str | None, incoming: str | None, output_root: str | None, overrides: dict[str, Any]
 ) -> tuple[Path, Path, dict[str, Any]]:
     """(incoming, output_root, watch options) from the profile's ``watch:``/``output`` and parameters."""
-    from pipeline.core.config import load_yaml, parse_section
+    from pipeline.core.schema import load_yaml, parse_section
     from pipeline.core.errors import ConfigError
-    from pipeline.core.runconfig import WatchOptions
+    from pipeline.core.settings import WatchOptions
 
     data = load_yaml(config) if config else {}
     section = dict(data.get("watch") or {})
@@ -343,7 +344,7 @@ def watch_folder(
     from flows.logs import library_logs
     from flows.process import process_scan
     from flows.reporting import md, publish_markdown
-    from pipeline.core.runconfig import load_run_config, merge_sections, parse_run_config
+    from pipeline.core.settings import load_run_config, merge_sections, parse_run_config
 
     with library_logs():
         inc, root, opts = _watch_settings(config, incoming, output_root, {

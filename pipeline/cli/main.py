@@ -44,7 +44,7 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
 
 def cluster_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     """(ClusterSpec | None, Executor | None) from the cluster options."""
-    from pipeline.compute.cluster import ClusterSpec
+    from pipeline.compute.cluster import ClusterSpec, cluster_spec_from_file
     from pipeline.compute.executors import SerialExecutor
 
     if args.cluster == "serial":
@@ -52,8 +52,6 @@ def cluster_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.scheduler:
         return ClusterSpec(kind="address", address=args.scheduler), None
     if args.cluster_config is not None:
-        from pipeline.core.config import cluster_spec_from_file
-
         spec = cluster_spec_from_file(args.cluster_config, kind=args.cluster, workers=args.workers)
         return spec, None
     return ClusterSpec(kind=args.cluster, workers=args.workers, threads_per_worker=args.threads_per_worker), None

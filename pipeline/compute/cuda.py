@@ -12,17 +12,24 @@ import contextlib
 import logging
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pipeline.core.errors import ClusterError, one_line
 from pipeline.core.tiling import choose_block
 from pipeline.models.footprint import activation_bytes_per_voxel, model_widths
 
-if TYPE_CHECKING:
-    from pipeline.compute.cluster import ClusterSpec
-
 logger = logging.getLogger(__name__)
 
+
+class CudaSpec(Protocol):
+    """What the GPU workers read of a :class:`~pipeline.compute.cluster.ClusterSpec`."""
+
+    @property
+    def threads_per_worker(self) -> int: ...
+    @property
+    def memory_limit(self) -> str: ...
+    @property
+    def cuda_visible_devices(self) -> str | None: ...
 
 
 def check_cuda_available() -> int:
@@ -57,7 +64,7 @@ def import_dask_cuda() -> Any:
     return LocalCUDACluster
 
 
-def start_cuda_cluster(spec: ClusterSpec) -> Any:
+def start_cuda_cluster(spec: CudaSpec) -> Any:
     """One Dask worker per visible GPU, each advertising a ``GPU`` resource."""
     LocalCUDACluster = import_dask_cuda()
     check_cuda_available()
@@ -103,9 +110,6 @@ def gpu_free_memory() -> list[int]:
     if torch.version.cuda is None or not torch.cuda.is_available():
         return []
     return [int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())]
-
-
-
 
 
 def auto_block(

@@ -23,8 +23,42 @@ import numpy as np
 from pipeline.core.errors import InputError
 
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "float32")
-TIFF_SUFFIXES = (".tif", ".tiff")
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".cxi")
+#: The readable formats and the file-name suffixes (lower case) that select them. Every reader,
+#: the run-profile checks and the watched-folder scan detection use this one table.
+FORMAT_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "hdf5": (".h5", ".hdf5", ".hdf", ".he5", ".nxs", ".nx5", ".cxi"),  # HDF5, NeXus, CXI
+    "tiff": (".ome.tiff", ".ome.tif", ".tiff", ".tif"),
+    "npy": (".npy",),
+    "zarr": (".zarr",),
+    "raw": (".raw", ".bin", ".vol", ".dat"),
+}
+HDF5_SUFFIXES = FORMAT_SUFFIXES["hdf5"]
+TIFF_SUFFIXES = (".tif", ".tiff")  # what Path.suffix gives for every TIFF name above
+RAW_SUFFIXES = FORMAT_SUFFIXES["raw"]
+READABLE_SUFFIXES: tuple[str, ...] = tuple(s for suffixes in FORMAT_SUFFIXES.values() for s in suffixes)
+_DATASET = re.compile(r"^(.*?(?:" + "|".join(re.escape(s) for s in HDF5_SUFFIXES) + r")):(.*)$", re.IGNORECASE | re.DOTALL)
+
+
+def split_source(source: str | os.PathLike[str]) -> tuple[str, str | None]:
+    """``FILE.h5:/exchange/data`` -> ``("FILE.h5", "/exchange/data")``; other sources ->
+    ``(source, None)``. Any suffix of :data:`HDF5_SUFFIXES` may carry a dataset."""
+    text = os.fspath(source)
+    m = _DATASET.match(text)
+    return (text, None) if m is None else (m.group(1), m.group(2))
+
+
+def source_file(source: str | os.PathLike[str]) -> Path:
+    """The file or folder a source names (the HDF5 file of ``FILE.h5:/dataset``)."""
+    return Path(split_source(source)[0])
+
+
+def strip_suffix(name: str) -> str:
+    """``name`` without its readable-format suffix (``scan.ome.tif`` -> ``scan``); unchanged if none."""
+    lower = name.lower()
+    for ext in sorted(READABLE_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
 
 
 class Source(Protocol):
@@ -278,12 +312,9 @@ def open_source(
 
     ``shape``/``dtype``/``byte_order``/``offset`` are for raw binary files only.
     """
-    text = os.fspath(spec)
-    for suffix in HDF5_SUFFIXES:
-        marker = suffix + ":"
-        if marker in text:
-            file_part, dataset = text.split(marker, 1)
-            return Hdf5Source(_existing(Path(file_part + suffix)), dataset=dataset or "/exchange/data")
+    text, dataset = split_source(spec)
+    if dataset is not None:
+        return Hdf5Source(_existing(Path(text)), dataset=dataset or "/exchange/data")
     path = _existing(Path(text))
     suffix = path.suffix.lower()
     if path.is_dir() and (path / "zarr.json").exists() or suffix == ".zarr":
@@ -296,7 +327,7 @@ def open_source(
         return Hdf5Source(path)
     if suffix == ".npy":
         return ArraySource(path, format="npy")
-    if shape is not None or dtype is not None or suffix in (".raw", ".bin", ".vol", ".dat"):
+    if shape is not None or dtype is not None or suffix in RAW_SUFFIXES:
         if shape is None or dtype is None:
             raise InputError(f"{path}: raw binary needs --shape Z Y X and --dtype (and --byte-order '<' or '>')")
         return RawSource(path, raw_shape=tuple(int(s) for s in shape), raw_dtype=dtype, byte_order=byte_order, offset=offset)  # type: ignore[arg-type]

@@ -31,7 +31,8 @@ import numpy as np
 import zarr
 
 from pipeline import __version__
-from pipeline.compute.cluster import ClusterSpec, auto_block, open_client, preflight
+from pipeline.compute.cluster import ClusterSpec, open_client, preflight
+from pipeline.compute.cuda import auto_block
 from pipeline.compute.executors import DaskExecutor, Executor, RunOutcome, SerialExecutor
 from pipeline.core.errors import (
     BlockFailedError,
