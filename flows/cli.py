@@ -1,7 +1,7 @@
 """Subcommands that run the Prefect flows: ``run``, ``serve``, ``deploy``, ``dashboard``.
 
-Registered on :mod:`pipeline.cli.main` through :data:`pipeline.cli.main.PLUGINS`. Nothing here imports
-Prefect until a handler runs, so ``studios --help`` stays fast. Every handler turns Prefect's
+Registered on :mod:`pipeline.cli.main` through the entry-point group ``studios.commands``.
+Nothing here imports Prefect until a handler runs, so ``studios --help`` stays fast. Every handler turns Prefect's
 outgoing analytics off (``DO_NOT_TRACK=1``, ``PREFECT_SERVER_ANALYTICS_ENABLED=false``) unless
 the environment says otherwise.
 """
