@@ -96,8 +96,8 @@ def flow_run_links() -> dict[str, str]:
 def ingest_stage(source: str, output: Path, options: IngestOptions, *, overwrite: bool = False,
                  status: RunStatus | None = None, label: str = "") -> dict[str, Any]:
     """Reconstruction -> ``output`` (scan.zarr); a finished scan from the same source is reused."""
-    from pipeline.io.sources import source_file as _source_file
     from pipeline.ingest.run import ingest
+    from pipeline.io.sources import source_file as _source_file
     from pipeline.io.store import open_image
 
     if status is not None:

@@ -295,8 +295,8 @@ def _watch_settings(
     config: str | None, incoming: str | None, output_root: str | None, overrides: dict[str, Any]
 ) -> tuple[Path, Path, dict[str, Any]]:
     """(incoming, output_root, watch options) from the profile's ``watch:``/``output`` and parameters."""
-    from pipeline.core.schema import load_yaml, parse_section
     from pipeline.core.errors import ConfigError
+    from pipeline.core.schema import load_yaml, parse_section
     from pipeline.core.settings import WatchOptions
 
     data = load_yaml(config) if config else {}

@@ -17,7 +17,8 @@ ENV = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "f
 
 
 def studios(*args: str | Path, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*STUDIOS, *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT, env=ENV, timeout=300)
+    proc = subprocess.run([*STUDIOS, *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT, env=ENV,
+                          timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"studios {args} failed ({proc.returncode}):\n{proc.stderr}")
     return proc

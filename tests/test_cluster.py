@@ -22,10 +22,10 @@ from pipeline.compute import cluster as cl
 from pipeline.compute import cuda, hosts, slurm
 from pipeline.compute.cluster import ClusterSpec, cluster_spec_from_file
 from pipeline.compute.executors import DaskExecutor, RunOutcome
-from pipeline.core.tiling import choose_block
-from pipeline.models.footprint import activation_bytes_per_voxel, model_widths
 from pipeline.core.errors import ClusterError, ConfigError, InputError
+from pipeline.core.tiling import choose_block
 from pipeline.io.bundle import init_bundle, save_bundle
+from pipeline.models.footprint import activation_bytes_per_voxel, model_widths
 from pipeline.segment.predict import forward, numerics, to_labels
 from pipeline.segment.run import segment
 

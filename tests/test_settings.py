@@ -36,7 +36,8 @@ def test_a_profile_accepts_every_hdf5_source_that_ingest_reads(tmp_path, suffix)
     with h5py.File(data, "w") as f:
         f["data"] = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     assert open_source(f"{data}:/data").shape == (2, 3, 4)  # what `studios ingest x.cxi:/data` opens
-    cfg = load_run_config(_profile(tmp_path, f"source: {data}:/data\noutput: {tmp_path / 'out'}\nmodel: {{init: {{}}}}\n"))
+    text = f"source: {data}:/data\noutput: {tmp_path / 'out'}\nmodel: {{init: {{}}}}\n"
+    cfg = load_run_config(_profile(tmp_path, text))
     assert cfg.source == f"{data}:/data" and cfg.scan_name == "scan"
     assert split_source(cfg.source) == (str(data), "/data")
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.compute.hosts import WORKER_HEAPS, allocation_memory, cpu_count, worker_environ
+from pipeline.compute.hosts import allocation_memory, cpu_count, worker_environ
 from pipeline.compute.slurm import (
     SlurmOptions,
     cancel_jobs_named,

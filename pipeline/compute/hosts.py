@@ -11,7 +11,6 @@ import os
 #: trim. A block's tensors (hundreds of MiB) are then reused from the heap instead of being
 #: mmap-ed, page-faulted and unmapped per block (measured in bench/throughput.py --heap).
 RETAIN_HEAP_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
-WORKER_HEAPS = ("retain", "glibc")
 
 
 def cpu_count() -> int:

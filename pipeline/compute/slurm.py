@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from pipeline.compute.hosts import worker_environ
-from pipeline.core.errors import ClusterError, ConfigError, one_line
+from pipeline.core.errors import ClusterError, one_line
 from pipeline.core.schema import Bool, Float, Int, Section, Str, validate
 
 logger = logging.getLogger(__name__)

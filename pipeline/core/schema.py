@@ -163,7 +163,8 @@ def _message(err: Mapping[str, Any]) -> str:
     ctx = err.get("ctx") or {}
     got = f", got {value!r}"
     simple = {
-        "int_type": "expected an integer", "int_parsing": "expected an integer", "int_from_float": "expected an integer",
+        "int_type": "expected an integer", "int_parsing": "expected an integer",
+        "int_from_float": "expected an integer",
         "bool_type": "expected true/false", "bool_parsing": "expected true/false",
         "float_type": "expected a number", "float_parsing": "expected a number",
         "string_type": "expected a string", "path_type": "expected a path",
