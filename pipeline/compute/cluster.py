@@ -49,8 +49,9 @@ def _pre_spawn_environ(spec: ClusterSpec) -> Iterator[None]:
 
     ``distributed.nanny.pre-spawn-environ`` is read when a Nanny is created and kept for its
     restarts, so the setting also holds for workers restarted after a stuck block. A Nanny
-    copies it into this process's ``os.environ`` before spawning; the previous values are put
-    back on exit so that later subprocesses of the driver do not inherit them.
+    copies it into this process's ``os.environ`` before spawning (and prefers values already
+    there, so they are set too); the previous values are put back on exit so that later
+    subprocesses of the driver do not inherit them.
     """
     import dask
 
@@ -61,6 +62,9 @@ def _pre_spawn_environ(spec: ClusterSpec) -> Iterator[None]:
     merged = {**dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}), **extra}
     saved = {key: os.environ.get(key) for key in merged}
     try:
+        # distributed lets a variable already in os.environ win over the config value, and an
+        # earlier Nanny of this process leaves its own there (MALLOC_TRIM_THRESHOLD_=65536)
+        os.environ.update(extra)
         with dask.config.set({"distributed.nanny.pre-spawn-environ": merged}):
             yield
     finally:

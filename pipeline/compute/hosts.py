@@ -46,5 +46,5 @@ def allocation_memory() -> int | None:
 
 def worker_environ(worker_heap: str) -> dict[str, str]:
     """Environment a worker process must start with (before Python) for ``worker_heap``
-    (one of :data:`WORKER_HEAPS`)."""
+    (``retain`` or ``glibc``, see :class:`~pipeline.compute.cluster.ClusterSpec`)."""
     return dict(RETAIN_HEAP_ENV) if worker_heap == "retain" else {}
