@@ -118,3 +118,20 @@ def test_settings_import_without_torch_zarr_dask_or_prefect():
             "print(sorted(m for m in ('torch', 'zarr', 'dask', 'distributed', 'prefect') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_jobqueue_yaml_is_read_as_typed_site_defaults():
+    import dask
+    import yaml
+
+    from pipeline.compute.slurm import jobqueue_defaults
+
+    site = yaml.safe_load((ROOT / "deploy" / "slurm" / "jobqueue.yaml").read_text())
+    with dask.config.set(site):
+        defaults = jobqueue_defaults()
+        assert defaults.cores == 8 and defaults.processes == 1 and defaults.memory == "32GB"
+        spec = ClusterSpec(kind="slurm", workers=2)  # nothing in the profile: the site decides
+        assert spec.slurm_cores() == 8 and spec.torch_threads() == 8
+    with dask.config.set({"jobqueue.slurm.cores": "eight"}), pytest.raises(
+            ConfigError, match=r"^dask config jobqueue\.slurm\.cores: expected an integer, got 'eight'$"):
+        jobqueue_defaults()
