@@ -42,7 +42,7 @@ def machine_facts(extra: Mapping[str, Any] | None = None) -> str:
     import torch
     import zarr
 
-    from pipeline.compute.cluster import cpu_count
+    from pipeline.compute.hosts import cpu_count
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -215,7 +215,7 @@ def set_malloc(mode: str) -> tuple[str, str]:
     benchmark starts. With ``retain`` this process (the monolithic reference) also keeps freed
     memory (:func:`retain_heap`), so both sides run with the same allocator behaviour.
     """
-    from pipeline.compute.cluster import RETAIN_HEAP_ENV
+    from pipeline.compute.hosts import RETAIN_HEAP_ENV
 
     if mode == "glibc":
         return "glibc", "malloc: glibc defaults (workers: dask's MALLOC_TRIM_THRESHOLD_=65536)"

@@ -62,7 +62,7 @@ def sweep(args: argparse.Namespace) -> None:
     """Output voxels/s of pipeline.forward per block edge: halo overhead against cache fit."""
     import numpy as np
 
-    from pipeline.compute.cluster import cpu_count
+    from pipeline.compute.hosts import cpu_count
     from pipeline.segment.predict import forward, numerics
 
     b = _common.bundle(args.arch, args.params)
@@ -117,7 +117,7 @@ def main() -> None:
         sweep(args)
         return
 
-    from pipeline.compute.cluster import cpu_count
+    from pipeline.compute.hosts import cpu_count
     from pipeline.segment.predict import forward, numerics
 
     cores = cpu_count()

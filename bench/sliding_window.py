@@ -88,7 +88,8 @@ def main() -> None:
     except ImportError:
         sys.exit("monai is not installed: pip install -e '.[bench]' (check that it keeps your torch)")
 
-    from pipeline.compute.cluster import ClusterSpec, cpu_count, open_client
+    from pipeline.compute.cluster import ClusterSpec, open_client
+    from pipeline.compute.hosts import cpu_count
     from pipeline.core.normalize import apply_affine
     from pipeline.ingest.run import ingest_array
     from pipeline.io.bundle import save_bundle

@@ -67,7 +67,8 @@ def main() -> None:
     args = ap.parse_args()
     heap, malloc_note = _common.set_malloc(args.malloc)
 
-    from pipeline.compute.cluster import ClusterSpec, cpu_count, open_client
+    from pipeline.compute.cluster import ClusterSpec, open_client
+    from pipeline.compute.hosts import cpu_count
     from pipeline.ingest.run import ingest_array
     from pipeline.io.bundle import save_bundle
     from pipeline.io.store import open_image

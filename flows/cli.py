@@ -82,7 +82,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.core.runconfig import load_run_config
+    from pipeline.core.settings import load_run_config
 
     overrides = {"output": str(args.output) if args.output else None, "source": args.source, "name": args.name,
                  "overwrite": args.overwrite}

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import ArtifactReporter, publish_markdown
 from flows.logs import library_logs
-from pipeline.core.runconfig import ClusterOptions, IngestOptions, ModelOptions, SegmentOptions
+from pipeline.core.settings import ClusterOptions, IngestOptions, ModelOptions, SegmentOptions
 from pipeline.service import process as lib
 from pipeline.service.runstate import RunStatus, now_iso
 from pipeline.service.summary import summary_markdown
@@ -103,7 +103,7 @@ def _path(value: str | None) -> Path | None:
 def ingest_flow(source: str, output: str, ingest: dict[str, Any] | None = None,
                 overwrite: bool = False) -> dict[str, Any]:
     """Convert a reconstruction into a studios OME-Zarr scan (``output``, a .zarr)."""
-    from pipeline.core.runconfig import resolve_source
+    from pipeline.core.settings import resolve_source
 
     with library_logs():
         src, out = resolve_source(source), Path(output).absolute()

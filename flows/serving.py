@@ -45,7 +45,7 @@ def build_deployments(
     """The RunnerDeployments ``process-scan`` and (with a ``watch:`` section) ``watch-beamline``."""
     from flows.process import process_scan
     from flows.watch import watch_folder
-    from pipeline.core.runconfig import load_run_config
+    from pipeline.core.settings import load_run_config
     from pipeline.service.incoming import watch_schedule
 
     params: dict[str, Any] = {}

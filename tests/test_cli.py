@@ -17,7 +17,8 @@ ENV = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "f
 
 
 def studios(*args: str | Path, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*STUDIOS, *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT, env=ENV, timeout=300)
+    proc = subprocess.run([*STUDIOS, *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT, env=ENV,
+                          timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"studios {args} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
@@ -107,3 +108,54 @@ def test_demo_runs_from_any_directory(tmp_path):
     assert "studios demo finished" in proc.stdout
     assert (tmp_path / "demo" / "summary.json").exists()
     assert zarr.open_group(str(tmp_path / "demo" / "seg.zarr"), mode="r").attrs["studios"]["complete"] is True
+
+
+def _plugin(tmp_path: Path, module: str, code: str) -> dict[str, str]:
+    """A package installed on PYTHONPATH (module + dist-info) that registers ``module`` in studios.commands."""
+    (tmp_path / f"{module}.py").write_text(code)
+    info = tmp_path / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[studios.commands]\n{module} = {module}\n")
+    return {**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+
+
+def test_subcommands_from_the_entry_point_group(tmp_path):
+    env = _plugin(tmp_path, "studios_hello_plugin", (
+        "from pipeline.cli.main import command\n\n"
+        "@command('hello')\n"
+        "def _parser(sub):\n"
+        "    p = sub.add_parser('hello', help='say hello')\n"
+        "    p.set_defaults(handler=lambda args: print('hello from a plugin') or 0)\n"))
+    proc = subprocess.run([*STUDIOS, "hello"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "hello from a plugin", proc.stderr
+    proc = subprocess.run([*STUDIOS, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert "hello" in proc.stdout and "run" in proc.stdout  # flows.cli comes in the same way
+
+
+@pytest.mark.parametrize("code", [
+    "raise ImportError('needs a package that is not installed')\n",
+    "from pipeline.cli.main import command\n\n@command('bad')\ndef _p(sub):\n    raise RuntimeError('broken parser')\n",
+], ids=["import-fails", "parser-fails"])
+def test_a_broken_plugin_does_not_break_the_built_in_commands(tmp_path, code):
+    env = _plugin(tmp_path, "studios_broken_plugin", code)
+    proc = subprocess.run([*STUDIOS, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("ingest", "model", "segment", "train", "qc", "demo"):
+        assert name in proc.stdout
+    warnings = proc.stderr.strip().splitlines()
+    assert len(warnings) == 1 and "studios_broken_plugin" in warnings[0], proc.stderr
+    assert "bad" not in proc.stdout.split("positional arguments")[1].split()
+    proc = subprocess.run([*STUDIOS, "model", "list"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "dilated" in proc.stdout
+
+
+def test_python_dash_m_and_the_console_script_agree():
+    script = Path(sys.executable).parent / "studios"
+    if not script.exists():  # pragma: no cover - not an installed environment
+        pytest.skip("no studios console script next to this Python")
+    env = {**ENV, "PYTHONPATH": str(ROOT)}
+    via_m = subprocess.run([*STUDIOS, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    via_script = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert via_m.returncode == via_script.returncode == 0
+    assert via_m.stdout == via_script.stdout and "segment" in via_m.stdout

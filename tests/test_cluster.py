@@ -19,11 +19,13 @@ import zarr
 from conftest import CEMENT, ROOT, make_scan
 
 from pipeline.compute import cluster as cl
-from pipeline.compute.cluster import ClusterSpec, activation_bytes_per_voxel, choose_block, model_widths
+from pipeline.compute import cuda, hosts, slurm
+from pipeline.compute.cluster import ClusterSpec, cluster_spec_from_file
 from pipeline.compute.executors import DaskExecutor, RunOutcome
-from pipeline.core.config import cluster_spec_from_file
 from pipeline.core.errors import ClusterError, ConfigError, InputError
+from pipeline.core.tiling import choose_block
 from pipeline.io.bundle import init_bundle, save_bundle
+from pipeline.models.footprint import activation_bytes_per_voxel, model_widths
 from pipeline.segment.plan import auto_block
 from pipeline.segment.predict import forward, numerics, to_labels
 from pipeline.segment.run import segment
@@ -55,7 +57,7 @@ def _one_line(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
 def test_slurm_site_profile_parses():
     spec = cluster_spec_from_file(ROOT / "configs" / "slurm-site.yaml")
     assert spec.kind == "slurm" and spec.workers == 8 and spec.adapt is None and spec.gpus_per_job == 0
-    assert spec.slurm["partition"] == "compute" and spec.slurm["cores"] == 8
+    assert spec.slurm.partition == "compute" and spec.slurm.cores == 8
     assert spec.torch_threads() == 8
     assert spec.resources is None and spec.device == "cpu"
     # the command line overrides kind and workers
@@ -74,7 +76,7 @@ def _profile(tmp_path: Path, text: str) -> Path:
         ("cluster: {kind: slurm, slurm: {cores: 1, memroy: 1GB}}", ["unknown key 'memroy'", "did you mean 'memory'"]),
         ("cluster: {kind: slurm, slurm: {job_extra: ['--gres=gpu:1']}}", ["'job_extra'", "job_extra_directives"]),
         ("cluster: {kind: slurm, slurm: {host: 10.0.0.1}}", ["'host'", "scheduler_options"]),
-        ("cluster: {kind: slurm, slurm: {cores: '8'}}", ["cluster.slurm.cores", "expected int"]),
+        ("cluster: {kind: slurm, slurm: {cores: '8'}}", ["cluster.slurm.cores", "expected an integer"]),
         ("cluster: {kind: slurm, slurm: {cores: 0}}", ["cluster.slurm.cores", ">= 1"]),
         ("cluster: {kind: slurm, slurm: {memory: lots}}", ["cluster.slurm.memory", "not a size"]),
         ("cluster: {kind: slurm, slurm: {walltime: 2h}}", ["walltime", "02:00:00"]),
@@ -102,7 +104,7 @@ def test_bad_profiles_are_config_errors_naming_the_file(tmp_path, text, fragment
 
 def test_nulls_mean_dask_jobqueue_defaults(tmp_path):
     spec = cluster_spec_from_file(_profile(tmp_path, "cluster: {kind: slurm, slurm: {account: null, interface: null}}"))
-    assert spec.slurm == {"account": None, "interface": None}
+    assert spec.slurm.kwargs() == {"account": None, "interface": None}
 
 
 def test_cli_bad_profile_is_one_line(tmp_path, scan_and_model):
@@ -121,7 +123,7 @@ def test_cli_bad_profile_is_one_line(tmp_path, scan_and_model):
 def test_slurm_kwargs_book_cores_and_run_threads_per_worker_blocks():
     spec = ClusterSpec(kind="slurm", workers=4, threads_per_worker=2,
                        slurm={"partition": "gpu", "cores": 8, "memory": "16GB", "processes": 2})
-    kw = cl.slurm_kwargs(spec, job_name="studios-abc")
+    kw = slurm.slurm_kwargs(spec, job_name="studios-abc")
     assert kw["queue"] == "gpu" and "partition" not in kw
     assert kw["job_cpu"] == 8  # --cpus-per-task
     assert kw["cores"] == 4 and kw["processes"] == 2  # 2 workers x 2 threads = 4 blocks at once
@@ -138,10 +140,10 @@ def test_slurm_job_script_has_the_site_options():
     spec = ClusterSpec(kind="slurm", gpus_per_job=1, slurm={
         "partition": "gpu", "account": "proj", "cores": 4, "memory": "8GB", "walltime": "01:00:00",
         "job_extra_directives": ["--constraint=a100"], "scheduler_options": {"host": "127.0.0.1"}})
-    kw = cl.slurm_kwargs(spec, job_name="studios-t")
+    kw = slurm.slurm_kwargs(spec, job_name="studios-t")
     with SLURMCluster(**kw) as cluster:
         script = cluster.job_script()
-    cl.restore_sigint()
+    slurm.restore_sigint()
     for line in ("#SBATCH -J studios-t", "#SBATCH -p gpu", "#SBATCH -A proj", "#SBATCH --cpus-per-task=4",
                  "#SBATCH --mem=8G", "#SBATCH -t 01:00:00", "#SBATCH --constraint=a100", "#SBATCH --gres=gpu:1"):
         assert line in script, script
@@ -152,7 +154,7 @@ def test_slurm_job_script_has_the_site_options():
 def test_dask_jobqueue_sigint_handler_is_undone():
     import dask_jobqueue  # noqa: F401  (its import installs SIGINT -> sys.exit(), status 0)
 
-    cl.restore_sigint()
+    slurm.restore_sigint()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -168,18 +170,18 @@ def test_adapt_is_capped_by_the_blocks():
             self.kw = kw
 
     fake = Fake()
-    assert cl.scale_slurm(fake, ClusterSpec(kind="slurm", adapt=(0, 10)), tasks=3) == 3
+    assert slurm.scale_slurm(fake, ClusterSpec(kind="slurm", adapt=(0, 10)), tasks=3) == 3
     assert fake.kw == {"minimum_jobs": 1, "maximum_jobs": 3}
 
 
 def test_cpu_count_and_memory_follow_a_slurm_allocation(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert cl.allocation_memory() is None
+    assert hosts.allocation_memory() is None
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
     monkeypatch.setenv("SLURM_MEM_PER_NODE", "2048")
-    assert cl.cpu_count() == 1
-    assert cl.allocation_memory() == 2 * 2**30
+    assert hosts.cpu_count() == 1
+    assert hosts.allocation_memory() == 2 * 2**30
     assert ClusterSpec(kind="local").torch_threads() == 1
 
 
@@ -231,7 +233,7 @@ def fake_dask_cuda(monkeypatch):
 def test_cuda_with_a_cpu_torch_is_a_clear_error(fake_dask_cuda, monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(ClusterError, match="CPU-only"):
-        cl.start_cuda_cluster(ClusterSpec(kind="cuda"))
+        cuda.start_cuda_cluster(ClusterSpec(kind="cuda"))
     assert fake_dask_cuda.calls == []
 
 
@@ -251,7 +253,7 @@ def test_cuda_nvml_failure_is_one_line(fake_dask_cuda, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     fake_dask_cuda.LocalCUDACluster.error = NVMLError_LibraryNotFound("NVML Shared Library Not Found\nmore")
     with pytest.raises(ClusterError) as info:
-        cl.start_cuda_cluster(ClusterSpec(kind="cuda"))
+        cuda.start_cuda_cluster(ClusterSpec(kind="cuda"))
     assert "NVMLError_LibraryNotFound: NVML Shared Library Not Found more" in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -259,7 +261,7 @@ def test_cuda_nvml_failure_is_one_line(fake_dask_cuda, monkeypatch):
 def test_cuda_cluster_has_one_gpu_resource_per_worker(fake_dask_cuda, monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    cl.start_cuda_cluster(ClusterSpec(kind="cuda", threads_per_worker=2, cuda_visible_devices="0,1"))
+    cuda.start_cuda_cluster(ClusterSpec(kind="cuda", threads_per_worker=2, cuda_visible_devices="0,1"))
     (kw,) = fake_dask_cuda.calls
     assert kw["resources"] == {"GPU": 1} and kw["threads_per_worker"] == 2
     assert kw["CUDA_VISIBLE_DEVICES"] == "0,1" and "n_workers" not in kw  # one worker per GPU
@@ -298,7 +300,7 @@ def test_local_workers_start_with_the_heap_settings(heap):
     spec = ClusterSpec(kind="local", workers=1, worker_heap=heap)
     with cl.open_client(spec) as client:
         env = next(iter(client.run(_start_environ).values())).split(b"\0")
-    for key, value in cl.RETAIN_HEAP_ENV.items():
+    for key, value in hosts.RETAIN_HEAP_ENV.items():
         assert (f"{key}={value}".encode() in env) == (heap == "retain"), (key, heap)
     import dask
 
@@ -309,13 +311,13 @@ def test_slurm_workers_export_the_heap_settings():
     from dask_jobqueue import SLURMCluster
 
     spec = ClusterSpec(kind="slurm", slurm={"cores": 1, "job_script_prologue": ["module load cuda"]})
-    with SLURMCluster(**cl.slurm_kwargs(spec, job_name="studios-t")) as cluster:
+    with SLURMCluster(**slurm.slurm_kwargs(spec, job_name="studios-t")) as cluster:
         script = cluster.job_script()
-    cl.restore_sigint()
+    slurm.restore_sigint()
     assert "module load cuda" in script
     assert script.index("export MALLOC_MMAP_MAX_=0") < script.index("distributed.cli.dask_worker")
     spec = ClusterSpec(kind="slurm", worker_heap="glibc", slurm={"cores": 1})
-    assert "MALLOC" not in "\n".join(cl.slurm_kwargs(spec, job_name="studios-t")["job_script_prologue"])
+    assert "MALLOC" not in "\n".join(slurm.slurm_kwargs(spec, job_name="studios-t")["job_script_prologue"])
 
 
 def test_unknown_worker_heap_is_a_config_error():
@@ -410,7 +412,7 @@ def test_auto_block_uses_precision_and_given_memory():
 def test_no_gpu_means_no_memory_figure():
     if torch.cuda.is_available():  # pragma: no cover
         pytest.skip("a GPU is present")
-    assert cl.gpu_free_memory() == []
+    assert cuda.gpu_free_memory() == []
     model = init_bundle(classes=("a", "b"), params=SMALL).build()
     assert auto_block(model, chunks=CHUNKS, volume=(256,) * 3) is None
 

@@ -146,8 +146,8 @@ def write_slices(folder: Path, start: int, stop_: int, n: int = 24) -> None:
 
 
 def test_profiles_in_configs_are_valid(tmp_path: Path) -> None:
-    from pipeline.core.config import load_yaml
-    from pipeline.core.runconfig import ClusterOptions, load_run_config
+    from pipeline.core.schema import load_yaml
+    from pipeline.core.settings import ClusterOptions, load_run_config
 
     demo = load_run_config(ROOT / "configs" / "demo.yaml")  # files checked: the bundled scan exists
     assert Path(demo.source or "").is_file() and demo.model is not None and demo.model.kind == "train"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import ConfigError, InputError, ModelError, OutputExistsError, StorageError
-from pipeline.core.runconfig import (
+from pipeline.core.settings import (
     ClusterOptions,
     IngestOptions,
     ModelInit,
@@ -27,7 +27,7 @@ from pipeline.core.runconfig import (
     RunConfig,
     SegmentOptions,
 )
-from pipeline.core.runconfig import TrainOptions as TrainOpts
+from pipeline.core.settings import TrainOptions as TrainOpts
 from pipeline.service import incoming
 from pipeline.service import process as proc
 from pipeline.service.runstate import RunStatus, StatusReporter
@@ -298,7 +298,7 @@ def test_summaries_escape_markup() -> None:
 
 
 def test_watch_schedule_arguments_win_over_the_profile(tmp_path: Path) -> None:
-    from pipeline.core.runconfig import WatchOptions
+    from pipeline.core.settings import WatchOptions
 
     every = WatchOptions(incoming=tmp_path, interval=60)
     cron = WatchOptions(incoming=tmp_path, cron="*/5 * * * *")

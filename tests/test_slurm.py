@@ -30,8 +30,9 @@ import yaml
 import zarr
 from conftest import CEMENT, ROOT, make_scan
 
-from pipeline.compute.cluster import ClusterSpec, open_client, squeue_jobs
+from pipeline.compute.cluster import ClusterSpec, open_client
 from pipeline.compute.executors import SerialExecutor
+from pipeline.compute.slurm import squeue_jobs
 from pipeline.core.errors import ClusterError
 from pipeline.io.bundle import init_bundle, save_bundle
 from pipeline.segment.run import segment

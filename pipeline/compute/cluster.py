@@ -1,11 +1,14 @@
 """Dask clusters for the blockwise stage: local, existing scheduler, SLURM, CUDA.
 
-:func:`open_client` is a context manager that starts (or connects to) the cluster described by
-a :class:`ClusterSpec`, yields a ``distributed.Client`` and tears everything down on exit,
-including on errors, Ctrl-C and SIGTERM. ``distributed``, ``dask_jobqueue`` and ``dask_cuda``
-are imported only on demand. The SLURM machinery (``dask_jobqueue.SLURMCluster``) lives in
-:mod:`pipeline.compute.slurm`, the GPU machinery (``dask_cuda.LocalCUDACluster``) in
-:mod:`pipeline.compute.cuda`; their public names are re-exported here.
+:class:`ClusterSpec` (a frozen pydantic model, parsed once from a site profile's ``cluster:``
+section by :func:`cluster_spec_from_file` or from a run profile) says where blocks run.
+:func:`open_client` is a context manager that starts (or connects to) that cluster, yields a
+``distributed.Client`` and tears everything down on exit, including on errors, Ctrl-C and
+SIGTERM. The SLURM machinery lives in :mod:`pipeline.compute.slurm`, the GPU machinery in
+:mod:`pipeline.compute.cuda`, host resources in :mod:`pipeline.compute.hosts`; they do not
+import this module. ``distributed``, ``dask_jobqueue`` and ``dask_cuda`` are imported only on
+demand, and so is :mod:`pipeline.compute.cuda` (it loads torch for its block sizing), so that
+this module, and the run profiles built on it, import without torch.
 """
 
 from __future__ import annotations
@@ -14,83 +17,30 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import signal
 import threading
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Literal
 
-from pipeline.compute.cuda import (
-    check_cuda_available,
-    gpu_free_memory,
-    import_dask_cuda,
-    start_cuda_cluster,
-)
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.compute.hosts import allocation_memory, cpu_count, worker_environ
 from pipeline.compute.slurm import (
-    SLURM_OPTIONS,
+    SlurmOptions,
     cancel_jobs_named,
-    check_job_script,
-    cluster_job_ids,
-    jobqueue_config,
-    restore_sigint,
+    check_sbatch,
+    jobqueue_defaults,
     scale_slurm,
     slurm_job_name,
-    slurm_kwargs,
-    squeue_jobs,
     start_slurm_cluster,
-    validate_slurm_options,
     wait_for_slurm_workers,
 )
-from pipeline.core.errors import ClusterError, ConfigError
-from pipeline.core.tiling import choose_block
-from pipeline.models.footprint import activation_bytes_per_voxel, model_widths
+from pipeline.core.errors import ClusterError
+from pipeline.core.schema import Float, Int, Pair, Section, Str, load_yaml, validate
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("local", "address", "slurm", "cuda")
-
-def cpu_count() -> int:
-    """CPUs this process may use: its affinity mask, capped by a SLURM allocation if inside one.
-
-    With ``TaskPlugin=task/none`` (no cgroups) the affinity mask is the whole node, so the
-    allocation's ``SLURM_CPUS_PER_TASK`` (or ``SLURM_CPUS_ON_NODE``) is the real budget.
-    """
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        n = os.cpu_count() or 1
-    if os.environ.get("SLURM_JOB_ID"):
-        for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
-            value = os.environ.get(var, "")
-            if value.isdigit() and int(value) > 0:
-                return min(n, int(value))
-    return n
-
-
-def allocation_memory() -> int | None:
-    """Bytes of memory of the SLURM allocation this process runs in (``--mem``), if any."""
-    if not os.environ.get("SLURM_JOB_ID"):
-        return None
-    mb = os.environ.get("SLURM_MEM_PER_NODE", "")
-    if mb.isdigit() and int(mb) > 0:
-        return int(mb) * 1024 * 1024
-    per_cpu = os.environ.get("SLURM_MEM_PER_CPU", "")
-    if per_cpu.isdigit() and int(per_cpu) > 0:
-        return int(per_cpu) * 1024 * 1024 * cpu_count()
-    return None
-
-
-#: glibc malloc settings for ``worker_heap: retain``: one arena, no mmap for large blocks, never
-#: trim. A block's tensors (hundreds of MiB) are then reused from the heap instead of being
-#: mmap-ed, page-faulted and unmapped per block (measured in bench/throughput.py --heap).
-RETAIN_HEAP_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
-WORKER_HEAPS = ("retain", "glibc")
-
-
-def worker_environ(spec: ClusterSpec) -> dict[str, str]:
-    """Environment a worker process must start with (before Python) for ``spec.worker_heap``."""
-    return dict(RETAIN_HEAP_ENV) if spec.worker_heap == "retain" else {}
 
 
 @contextlib.contextmanager
@@ -99,18 +49,22 @@ def _pre_spawn_environ(spec: ClusterSpec) -> Iterator[None]:
 
     ``distributed.nanny.pre-spawn-environ`` is read when a Nanny is created and kept for its
     restarts, so the setting also holds for workers restarted after a stuck block. A Nanny
-    copies it into this process's ``os.environ`` before spawning; the previous values are put
-    back on exit so that later subprocesses of the driver do not inherit them.
+    copies it into this process's ``os.environ`` before spawning (and prefers values already
+    there, so they are set too); the previous values are put back on exit so that later
+    subprocesses of the driver do not inherit them.
     """
     import dask
 
-    extra = worker_environ(spec)
+    extra = worker_environ(spec.worker_heap)
     if not extra:
         yield
         return
     merged = {**dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}), **extra}
     saved = {key: os.environ.get(key) for key in merged}
     try:
+        # distributed lets a variable already in os.environ win over the config value, and an
+        # earlier Nanny of this process leaves its own there (MALLOC_TRIM_THRESHOLD_=65536)
+        os.environ.update(extra)
         with dask.config.set({"distributed.nanny.pre-spawn-environ": merged}):
             yield
     finally:
@@ -121,8 +75,7 @@ def _pre_spawn_environ(spec: ClusterSpec) -> Iterator[None]:
                 os.environ[key] = value
 
 
-@dataclass(frozen=True)
-class ClusterSpec:
+class ClusterSpec(Section):
     """Where blocks run.
 
     Attributes:
@@ -134,10 +87,10 @@ class ClusterSpec:
             ``cores // (processes * threads_per_worker)`` torch threads.
         address: scheduler address for ``address``.
         memory_limit: per worker, e.g. ``"8GB"`` or ``"auto"`` (local and cuda workers).
-        slurm: ``SLURMCluster`` options (see :data:`SLURM_OPTIONS`): ``partition``/``queue``,
-            ``account``, ``cores`` (CPUs per job), ``memory`` (per job), ``walltime``,
-            ``processes`` (workers per job), ``job_extra_directives``, ``local_directory``,
-            ``interface``, ``scheduler_options``, ``worker_extra_args``, ...
+        slurm: ``SLURMCluster`` options (:class:`~pipeline.compute.slurm.SlurmOptions`):
+            ``partition``/``queue``, ``account``, ``cores`` (CPUs per job), ``memory`` (per job),
+            ``walltime``, ``processes`` (workers per job), ``job_extra_directives``,
+            ``local_directory``, ``interface``, ``scheduler_options``, ``worker_extra_args``, ...
         adapt: for SLURM, ``(minimum, maximum)`` jobs to adapt between instead of a fixed scale.
         wait_timeout: seconds to wait for the first worker (SLURM jobs may queue).
         gpus_per_job: SLURM only, 0 or 1: request ``--gres=gpu:1`` per job, advertise a ``GPU``
@@ -145,58 +98,59 @@ class ClusterSpec:
         cuda_visible_devices: CUDA only, e.g. ``"0,1"``: the GPUs to start workers on
             (default: all visible ones).
         worker_heap: ``retain`` (default): worker processes start with glibc settings that keep
-            freed memory for reuse (:data:`RETAIN_HEAP_ENV`), so each block's arrays land in the
-            pages of the last one instead of faulting fresh pages in; a worker's resident size
-            then stays at its peak (one block's working set). ``glibc``: dask's default
-            (memory above 64 KiB is returned to the system at once).
+            freed memory for reuse (:data:`~pipeline.compute.hosts.RETAIN_HEAP_ENV`), so each
+            block's arrays land in the pages of the last one instead of faulting fresh pages in;
+            a worker's resident size then stays at its peak (one block's working set).
+            ``glibc``: dask's default (memory above 64 KiB is returned to the system at once).
     """
 
-    kind: str = "local"
-    workers: int = 1
-    threads_per_worker: int = 1
-    address: str | None = None
-    memory_limit: str = "auto"
-    slurm: Mapping[str, Any] = field(default_factory=dict)
-    adapt: tuple[int, int] | None = None
-    wait_timeout: float = 300.0
-    gpus_per_job: int = 0
-    cuda_visible_devices: str | None = None
-    worker_heap: str = "retain"
+    SECTION = "cluster"
 
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"cluster kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
-        if self.workers < 1 or self.threads_per_worker < 1:
-            raise ConfigError("workers and threads per worker must be >= 1")
+    kind: Literal["local", "address", "slurm", "cuda"] = "local"
+    workers: Int = Field(1, ge=1)
+    threads_per_worker: Int = Field(1, ge=1)
+    address: Str | None = None
+    memory_limit: Str = "auto"
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions)
+    adapt: Pair | None = None
+    wait_timeout: Float = Field(300.0, gt=0)
+    gpus_per_job: Int = 0
+    cuda_visible_devices: Str | None = None
+    worker_heap: Literal["retain", "glibc"] = "retain"
+
+    @field_validator("adapt")
+    @classmethod
+    def _adapt(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not (0 <= value[0] <= value[1] and value[1] >= 1):
+            raise ValueError(f"expected [minimum, maximum] jobs with 0 <= minimum <= maximum, maximum >= 1; "
+                             f"got {list(value)}")
+        return value
+
+    @field_validator("gpus_per_job")
+    @classmethod
+    def _gpus(cls, value: int) -> int:
+        if value not in (0, 1):
+            raise ValueError(f"use 0 or 1 (one GPU per job; ask for more jobs instead), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterSpec:
         if self.kind == "address" and not self.address:
-            raise ConfigError("cluster kind 'address' needs a scheduler address (--scheduler tcp://HOST:PORT)")
-        validate_slurm_options(self.slurm)
-        if self.adapt is not None and (
-            len(self.adapt) != 2 or not 0 <= self.adapt[0] <= self.adapt[1] or self.adapt[1] < 1
-        ):
-            raise ConfigError(f"cluster.adapt: expected [minimum, maximum] jobs with 0 <= minimum <= maximum, "
-                              f"maximum >= 1; got {list(self.adapt)}")
-        if self.wait_timeout <= 0:
-            raise ConfigError(f"cluster.wait_timeout: must be > 0 seconds, got {self.wait_timeout}")
-        if self.gpus_per_job not in (0, 1):
-            raise ConfigError(f"cluster.gpus_per_job: use 0 or 1 (one GPU per job; ask for more jobs instead), "
-                              f"got {self.gpus_per_job}")
-        if self.worker_heap not in WORKER_HEAPS:
-            raise ConfigError(f"cluster.worker_heap: {self.worker_heap!r} is unknown; use one of "
-                              f"{', '.join(WORKER_HEAPS)}")
+            raise ValueError("cluster kind 'address' needs a scheduler address (--scheduler tcp://HOST:PORT)")
         if self.gpus_per_job and self.slurm_processes() != 1:
-            raise ConfigError("cluster.gpus_per_job: a GPU job runs one worker process; set slurm.processes: 1")
+            raise ValueError("gpus_per_job: a GPU job runs one worker process; set slurm.processes: 1")
+        return self
 
     # -- sizes -------------------------------------------------------------------------------
     def slurm_cores(self) -> int:
         """SLURM CPUs per job (``--cpus-per-task``): the profile's ``job_cpu`` or ``cores``, else
         dask-jobqueue's configuration (``jobqueue.slurm.job-cpu`` / ``cores``), else 1."""
-        return int(self.slurm.get("job_cpu") or self.slurm.get("cores")
-                   or jobqueue_config("job-cpu") or jobqueue_config("cores") or 1)
+        site = jobqueue_defaults()
+        return int(self.slurm.job_cpu or self.slurm.cores or site.job_cpu or site.cores or 1)
 
     def slurm_processes(self) -> int:
         """Dask worker processes per SLURM job."""
-        return int(self.slurm.get("processes") or jobqueue_config("processes") or 1)
+        return int(self.slurm.processes or jobqueue_defaults().processes or 1)
 
     def slots_per_job(self) -> int:
         """Blocks one SLURM job runs at once."""
@@ -240,11 +194,12 @@ def preflight(spec: ClusterSpec) -> None:
     """Cheap checks before any output is written: the packages, tools and devices ``spec``
     needs are there. Raises :class:`ClusterError` with the fix."""
     if spec.kind == "cuda":
+        from pipeline.compute.cuda import check_cuda_available, import_dask_cuda
+
         import_dask_cuda()
         check_cuda_available()
-    elif spec.kind == "slurm" and shutil.which("sbatch") is None:
-        raise ClusterError("--cluster slurm: 'sbatch' is not on PATH; run on a SLURM login node "
-                           "(or start one with deploy/slurm/start-local-slurm.sh and export SLURM_CONF)")
+    elif spec.kind == "slurm":
+        check_sbatch()
 
 
 @contextlib.contextmanager
@@ -345,15 +300,28 @@ def _start_cluster(spec: ClusterSpec) -> Any:
                 silence_logs=logging.WARNING,
             )
     if spec.kind == "cuda":
+        from pipeline.compute.cuda import start_cuda_cluster
+
         with _pre_spawn_environ(spec):
             return start_cuda_cluster(spec)
     return start_slurm_cluster(spec, job_name=slurm_job_name(spec))
 
 
-__all__ = [
-    "KINDS", "RETAIN_HEAP_ENV", "SLURM_OPTIONS", "WORKER_HEAPS", "ClusterSpec", "activation_bytes_per_voxel",
-    "allocation_memory", "cancel_jobs_named", "check_cuda_available", "check_job_script",
-    "choose_block", "cluster_job_ids", "cpu_count", "gpu_free_memory", "model_widths", "open_client", "preflight",
-    "restore_sigint", "scale_slurm", "slurm_kwargs", "squeue_jobs", "start_cuda_cluster", "start_slurm_cluster",
-    "validate_slurm_options", "wait_for_slurm_workers", "worker_environ",
-]
+def cluster_spec_from_file(
+    path: str | os.PathLike[str], *, kind: str | None = None, workers: int | None = None
+) -> ClusterSpec:
+    """The ``cluster:`` section of a site profile (e.g. configs/slurm-site.yaml).
+
+    ``kind``/``workers`` from the command line override the file when given (``local`` and
+    ``1`` are the command line's defaults and do not).
+    """
+    data = load_yaml(path)
+    section = data.get("cluster")
+    if section is not None and not isinstance(section, dict):
+        return validate(ClusterSpec, section, f"{path}: cluster")  # the error names the section
+    section = dict(section or {})
+    if kind and kind != "local":
+        section["kind"] = kind
+    if workers and workers != 1:
+        section["workers"] = workers
+    return validate(ClusterSpec, section, f"{path}: cluster")

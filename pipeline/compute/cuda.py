@@ -11,15 +11,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pipeline.core.errors import ClusterError, one_line
 
-if TYPE_CHECKING:
-    from pipeline.compute.cluster import ClusterSpec
-
 logger = logging.getLogger(__name__)
 
+
+class CudaSpec(Protocol):
+    """What the GPU workers read of a :class:`~pipeline.compute.cluster.ClusterSpec`."""
+
+    @property
+    def threads_per_worker(self) -> int: ...
+    @property
+    def memory_limit(self) -> str: ...
+    @property
+    def cuda_visible_devices(self) -> str | None: ...
 
 
 def check_cuda_available() -> int:
@@ -54,7 +61,7 @@ def import_dask_cuda() -> Any:
     return LocalCUDACluster
 
 
-def start_cuda_cluster(spec: ClusterSpec) -> Any:
+def start_cuda_cluster(spec: CudaSpec) -> Any:
     """One Dask worker per visible GPU, each advertising a ``GPU`` resource."""
     LocalCUDACluster = import_dask_cuda()
     check_cuda_available()

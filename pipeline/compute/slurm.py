@@ -19,52 +19,24 @@ import math
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from pipeline.core.errors import ClusterError, ConfigError, one_line
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-if TYPE_CHECKING:
-    from pipeline.compute.cluster import ClusterSpec
+from pipeline.compute.hosts import worker_environ
+from pipeline.core.errors import ClusterError, one_line
+from pipeline.core.schema import Bool, Float, Int, Section, Str, validate
 
 logger = logging.getLogger(__name__)
 
-#: Keys accepted in the ``slurm:`` mapping (keyword arguments of ``dask_jobqueue.SLURMCluster``,
-#: plus ``partition`` as another name for ``queue``), with the type each must have.
-SLURM_OPTIONS: dict[str, type | tuple[type, ...]] = {
-    "queue": str,
-    "partition": str,
-    "account": str,
-    "cores": int,
-    "memory": str,
-    "processes": int,
-    "walltime": str,
-    "job_cpu": int,
-    "job_mem": str,
-    "job_name": str,
-    "job_extra_directives": list,
-    "job_directives_skip": list,
-    "job_script_prologue": list,
-    "worker_extra_args": list,
-    "worker_command": str,
-    "local_directory": str,
-    "log_directory": str,
-    "shared_temp_directory": str,
-    "interface": str,
-    "protocol": str,
-    "death_timeout": (int, float),
-    "nanny": bool,
-    "python": str,
-    "shebang": str,
-    "scheduler_options": dict,
-    "silence_logs": (str, bool),
-    "config_name": str,
-}
+Scalar = Str | Int | Float
 #: Old dask-jobqueue names (they warn) and keys studios sets itself.
 _RENAMED = {
     "project": "account",
@@ -80,66 +52,166 @@ _RENAMED = {
 _WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 
 
-def jobqueue_config(key: str) -> Any:
-    """A ``jobqueue.slurm.<key>`` value from the dask configuration (jobqueue.yaml), or None."""
+def _size(value: str | None) -> str | None:
+    if value is not None:
+        from dask.utils import parse_bytes
+
+        try:
+            parse_bytes(value)
+        except (ValueError, TypeError):
+            raise ValueError(f"{value!r} is not a size; write e.g. '16GB'") from None
+    return value
+
+
+class SlurmOptions(Section):
+    """The ``slurm:`` mapping of a site profile: keyword arguments of
+    ``dask_jobqueue.SLURMCluster`` (plus ``partition``, another name for ``queue``).
+
+    A key left out (or null) takes dask-jobqueue's default: its configuration
+    (``jobqueue.yaml``, see :class:`JobqueueDefaults`), then its built-in value.
+    """
+
+    SECTION = "cluster.slurm"
+
+    queue: Str | None = None
+    partition: Str | None = None
+    account: Str | None = None
+    cores: Int | None = Field(None, ge=1)
+    memory: Str | None = None
+    processes: Int | None = Field(None, ge=1)
+    walltime: Str | None = None
+    job_cpu: Int | None = Field(None, ge=1)
+    job_mem: Str | None = None
+    job_name: Str | None = None
+    job_extra_directives: tuple[Scalar, ...] | None = None
+    job_directives_skip: tuple[Scalar, ...] | None = None
+    job_script_prologue: tuple[Scalar, ...] | None = None
+    worker_extra_args: tuple[Scalar, ...] | None = None
+    worker_command: Str | None = None
+    local_directory: Str | None = None
+    log_directory: Str | None = None
+    shared_temp_directory: Str | None = None
+    interface: Str | None = None
+    protocol: Str | None = None
+    death_timeout: Float | None = None
+    nanny: Bool | None = None
+    python: Str | None = None
+    shebang: Str | None = None
+    scheduler_options: dict[str, Any] | None = None
+    silence_logs: Str | Bool | None = None
+    config_name: Str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for key in data:
+                if key in _RENAMED:
+                    raise ValueError(f"key {key!r} is not accepted; use {_RENAMED[key]}")
+                if key not in cls.model_fields:
+                    close = difflib.get_close_matches(str(key), cls.model_fields, n=1)
+                    hint = f"did you mean {close[0]!r}? " if close else ""
+                    raise ValueError(f"unknown key {key!r}; {hint}allowed: {', '.join(cls.model_fields)}")
+        return data
+
+    _sizes = field_validator("memory", "job_mem")(_size)
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, value: str | None) -> str | None:
+        if value is not None and not _WALLTIME.match(value):
+            raise ValueError(f"{value!r} is not a SLURM time; write e.g. '02:00:00'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_partition(self) -> SlurmOptions:
+        if self.queue is not None and self.partition is not None:
+            raise ValueError("give 'partition' or 'queue' (the same thing), not both")
+        return self
+
+    def kwargs(self) -> dict[str, Any]:
+        """The options the profile gave (nulls included), as ``SLURMCluster`` keyword values."""
+        out = {}
+        for key in type(self).model_fields:
+            if key in self.model_fields_set:
+                value = getattr(self, key)
+                out[key] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+#: Keys accepted in the ``slurm:`` mapping.
+SLURM_OPTIONS = tuple(SlurmOptions.model_fields)
+
+
+class JobqueueDefaults(Section):
+    """The ``jobqueue.slurm`` values of the dask configuration (``jobqueue.yaml``, see
+    deploy/slurm/jobqueue.yaml) that studios reads to size and script its jobs."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    SECTION = "dask config jobqueue.slurm"
+
+    cores: Int | None = Field(None, ge=1)
+    job_cpu: Int | None = Field(None, ge=1)
+    processes: Int | None = Field(None, ge=1)
+    memory: Str | None = None
+    scheduler_options: dict[str, Any] | None = None
+    job_extra_directives: tuple[Scalar, ...] | None = None
+    job_script_prologue: tuple[Scalar, ...] | None = None
+
+    _sizes = field_validator("memory")(_size)
+
+
+def jobqueue_defaults() -> JobqueueDefaults:
+    """The site's dask-jobqueue defaults, read from the dask configuration now."""
     import dask
 
-    return dask.config.get(f"jobqueue.slurm.{key}", None)
+    raw = dask.config.get("jobqueue.slurm", None) or {}
+    data = {str(k).replace("-", "_"): v for k, v in dict(raw).items()}
+    return validate(JobqueueDefaults, data, "dask config jobqueue.slurm")
 
 
-def validate_slurm_options(options: Mapping[str, Any], where: str = "cluster.slurm") -> None:
-    """Check the ``slurm:`` mapping of a site profile: known keys, right types, sane values."""
-    if not isinstance(options, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of SLURMCluster options, got {options!r}")
-    for key, value in options.items():
-        if key in _RENAMED:
-            raise ConfigError(f"{where}: key {key!r} is not accepted; use {_RENAMED[key]}")
-        if key not in SLURM_OPTIONS:
-            close = difflib.get_close_matches(str(key), SLURM_OPTIONS, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}; {hint}allowed: {', '.join(SLURM_OPTIONS)}")
-        if value is None:  # null: dask-jobqueue's default (its config, then its built-in)
-            continue
-        tp = SLURM_OPTIONS[key]
-        ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-        if not ok:
-            names = " or ".join(t.__name__ for t in (tp if isinstance(tp, tuple) else (tp,)))
-            raise ConfigError(f"{where}.{key}: expected {names}, got {value!r}")
-        if tp is list and not all(isinstance(v, str | int | float) for v in value):
-            raise ConfigError(f"{where}.{key}: expected a list of strings, got {value!r}")
-        if tp is int and value < 1:
-            raise ConfigError(f"{where}.{key}: must be >= 1, got {value}")
-    if options.get("queue") is not None and options.get("partition") is not None:
-        raise ConfigError(f"{where}: give 'partition' or 'queue' (the same thing), not both")
-    for key in ("memory", "job_mem"):
-        if options.get(key) is not None:
-            from dask.utils import parse_bytes
+class SlurmSpec(Protocol):
+    """What the SLURM machinery reads of a :class:`~pipeline.compute.cluster.ClusterSpec`."""
 
-            try:
-                parse_bytes(options[key])
-            except (ValueError, TypeError):
-                raise ConfigError(f"{where}.{key}: {options[key]!r} is not a size; write e.g. '16GB'") from None
-    if options.get("walltime") is not None and not _WALLTIME.match(options["walltime"]):
-        raise ConfigError(f"{where}.walltime: {options['walltime']!r} is not a SLURM time; write e.g. '02:00:00'")
+    @property
+    def slurm(self) -> SlurmOptions: ...
+    @property
+    def threads_per_worker(self) -> int: ...
+    @property
+    def gpus_per_job(self) -> int: ...
+    @property
+    def adapt(self) -> tuple[int, int] | None: ...
+    @property
+    def wait_timeout(self) -> float: ...
+    @property
+    def worker_heap(self) -> str: ...
+    def slurm_cores(self) -> int: ...
+    def slurm_processes(self) -> int: ...
+    def slots_per_job(self) -> int: ...
+    def jobs_for(self, tasks: int | None) -> int: ...
 
 
+def check_sbatch() -> None:
+    """``sbatch`` must be on PATH (a SLURM login node)."""
+    if shutil.which("sbatch") is None:
+        raise ClusterError("--cluster slurm: 'sbatch' is not on PATH; run on a SLURM login node "
+                           "(or start one with deploy/slurm/start-local-slurm.sh and export SLURM_CONF)")
 
 
-def slurm_job_name(spec: ClusterSpec) -> str:
-    base = str(spec.slurm.get("job_name", "studios"))
+def slurm_job_name(spec: SlurmSpec) -> str:
+    base = spec.slurm.job_name or "studios"
     return f"{base}-{secrets.token_hex(3)}"
 
 
-def slurm_kwargs(spec: ClusterSpec, *, job_name: str) -> dict[str, Any]:
+def slurm_kwargs(spec: SlurmSpec, *, job_name: str) -> dict[str, Any]:
     """``SLURMCluster`` keyword arguments for ``spec``.
 
     ``slurm.cores`` are the CPUs a job books (``job_cpu``); the Dask worker runs
     ``threads_per_worker`` blocks at once per process, each with the rest of the cores as
     torch threads (see :meth:`ClusterSpec.torch_threads`).
     """
-    import dask
-
-    kwargs = dict(spec.slurm)
+    site = jobqueue_defaults()
+    kwargs = spec.slurm.kwargs()
     partition = kwargs.pop("partition", None)
     if partition is not None:
         kwargs["queue"] = partition
@@ -147,23 +219,19 @@ def slurm_kwargs(spec: ClusterSpec, *, job_name: str) -> dict[str, Any]:
     kwargs["processes"] = processes
     kwargs["job_cpu"] = spec.slurm_cores()
     kwargs["cores"] = processes * spec.threads_per_worker  # Dask threads per job
-    if kwargs.get("memory") is None and dask.config.get("jobqueue.slurm.memory", None) is None:
+    if kwargs.get("memory") is None and site.memory is None:
         kwargs["memory"] = "2GB"
     kwargs["job_name"] = job_name
     kwargs.setdefault("silence_logs", "error")
-    scheduler = dict(kwargs.get("scheduler_options") or dask.config.get("jobqueue.slurm.scheduler-options", None) or {})
+    scheduler = dict(kwargs.get("scheduler_options") or site.scheduler_options or {})
     scheduler.setdefault("dashboard_address", ":0")  # any free port (8787 is often taken on login nodes)
     kwargs["scheduler_options"] = scheduler
-    directives = [str(d) for d in kwargs.get("job_extra_directives") or
-                  dask.config.get("jobqueue.slurm.job-extra-directives", None) or []]
+    directives = [str(d) for d in kwargs.get("job_extra_directives") or site.job_extra_directives or []]
     if spec.gpus_per_job and not any(d.startswith(("--gres", "--gpus")) for d in directives):
         directives.append(f"--gres=gpu:{spec.gpus_per_job}")
     kwargs["job_extra_directives"] = directives
-    prologue = [str(line) for line in kwargs.get("job_script_prologue") or
-                dask.config.get("jobqueue.slurm.job-script-prologue", None) or []]
-    from pipeline.compute.cluster import worker_environ
-
-    prologue += [f"export {k}={v}" for k, v in worker_environ(spec).items()
+    prologue = [str(line) for line in kwargs.get("job_script_prologue") or site.job_script_prologue or []]
+    prologue += [f"export {k}={v}" for k, v in worker_environ(spec.worker_heap).items()
                  if not any(line.startswith(f"export {k}=") for line in prologue)]
     kwargs["job_script_prologue"] = prologue
     if spec.gpus_per_job:
@@ -185,16 +253,14 @@ def restore_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def start_slurm_cluster(spec: ClusterSpec, *, job_name: str | None = None) -> Any:
+def start_slurm_cluster(spec: SlurmSpec, *, job_name: str | None = None) -> Any:
     """A ``SLURMCluster`` (no jobs yet) whose job script ``sbatch --test-only`` accepts."""
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError as exc:  # pragma: no cover - a core dependency
         raise ClusterError(f"--cluster slurm needs dask-jobqueue ({exc})") from None
-    from pipeline.compute.cluster import preflight
-
     restore_sigint()
-    preflight(spec)
+    check_sbatch()
     kwargs = slurm_kwargs(spec, job_name=job_name or slurm_job_name(spec))
     try:
         cluster = SLURMCluster(**kwargs)
@@ -229,7 +295,7 @@ def check_job_script(script: str) -> None:
         raise ClusterError(f"SLURM rejects the worker job ({reason}); job options: {directives}; fix the site profile")
 
 
-def scale_slurm(cluster: Any, spec: ClusterSpec, tasks: int | None) -> int:
+def scale_slurm(cluster: Any, spec: SlurmSpec, tasks: int | None) -> int:
     """Scale to the jobs the blocks can use, or adapt; returns the (maximum) number of jobs."""
     if spec.adapt is not None:
         useful = math.ceil(max(tasks, 1) / spec.slots_per_job()) if tasks is not None else spec.adapt[1]
@@ -306,7 +372,7 @@ def _n_workers(client: Any) -> int:
         return len(client.scheduler_info()["workers"])
 
 
-def wait_for_slurm_workers(client: Any, cluster: Any, spec: ClusterSpec, job_name: str) -> None:
+def wait_for_slurm_workers(client: Any, cluster: Any, spec: SlurmSpec, job_name: str) -> None:
     """Wait until one worker has connected; otherwise say why, from ``squeue``.
 
     Fails early (without waiting for the whole timeout) when every submitted job has left the
@@ -325,7 +391,7 @@ def wait_for_slurm_workers(client: Any, cluster: Any, spec: ClusterSpec, job_nam
         if ids and not queued:
             gone_since = gone_since or now
             if now - gone_since > 5.0:
-                logs = spec.slurm.get("log_directory")
+                logs = spec.slurm.log_directory
                 where = f" in {logs}" if logs else " (slurm-<id>.out in the submit directory)"
                 raise ClusterError(
                     f"SLURM job(s) {', '.join(ids)} ended before a Dask worker connected; see the job log{where}; "

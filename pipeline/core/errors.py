@@ -8,6 +8,8 @@ say what to do: ``"<file>: <problem>; <fix>"``. The CLI prints ``str(error)`` an
 
 from __future__ import annotations
 
+import errno
+
 
 class StudiosError(Exception):
     """Root of all studios errors."""
@@ -67,6 +69,15 @@ class DiskFullError(StorageError):
     """No space left on the output's filesystem; the run stops instead of failing every block."""
 
     exit_code = 4
+
+
+#: ``errno`` values of a write that failed for want of space: no space, quota, file too large.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def is_disk_full(exc: OSError) -> bool:
+    """Whether a failed write failed for want of space (see :data:`DISK_FULL_ERRNOS`)."""
+    return exc.errno in DISK_FULL_ERRNOS
 
 
 class ClusterError(StudiosError, RuntimeError):

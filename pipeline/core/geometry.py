@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from pipeline.core.errors import GeometryError
 
+#: Names of the volume axes, in array order (OME-Zarr ``axes``, zarr ``dimension_names``).
+AXES: tuple[str, str, str] = ("z", "y", "x")
+
 
 def _as_tuple(values: Iterable[int], name: str) -> tuple[int, ...]:
     out = tuple(int(v) for v in values)

@@ -16,12 +16,12 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pipeline.core.errors import DiskFullError, InputError, LockError, OutputExistsError, StorageError
+from pipeline.core.errors import DiskFullError, InputError, LockError, OutputExistsError, StorageError, is_disk_full
+from pipeline.core.hosts import holder_alive, holder_info
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +29,12 @@ logger = logging.getLogger(__name__)
 def storage_error(out: Path | str, exc: OSError, *, what: str = "") -> StorageError:
     """A one-line error for a failed write to ``out``; a full disk gives :class:`DiskFullError`.
 
-    The one place that maps ``errno`` to the error type. ``what`` names the part being written
-    (e.g. ``"block 0-1-2"``); the message then says "writing <what> failed".
+    The one place that turns an ``OSError`` into the error type (:func:`is_disk_full` decides).
+    ``what`` names the part being written (e.g. ``"block 0-1-2"``); the message then says
+    "writing <what> failed".
     """
-    import errno
-
     action = f"writing {what}" if what else "writing"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if is_disk_full(exc):
         return DiskFullError(
             f"{out}: {action} failed ({exc.strerror}); free space on its filesystem or choose another output, "
             "then rerun"
@@ -82,16 +81,6 @@ def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
         os.replace(tmp, out)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class OutputLock:
     """Exclusive lock on an output path, held as ``<out>.lock`` beside it.
 
@@ -113,13 +102,13 @@ class OutputLock:
             return None
 
     def acquire(self) -> None:
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        info = {**holder_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self.holder() or {}
-                stale = holder.get("host") == socket.gethostname() and not _pid_alive(int(str(holder.get("pid", 0)) or 0))
+                stale = holder_alive(holder) is False
                 who = f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
                 if stale and self.take_over:
                     logger.warning("%s: taking over stale lock (%s)", self.out, who)

@@ -16,15 +16,51 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from pipeline.core.errors import InputError
 
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "float32")
-TIFF_SUFFIXES = (".tif", ".tiff")
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".cxi")
+#: The readable formats and the file-name suffixes (lower case) that select them. Every reader,
+#: the run-profile checks and the watched-folder scan detection use this one table.
+FORMAT_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "hdf5": (".h5", ".hdf5", ".hdf", ".he5", ".nxs", ".nx5", ".cxi"),  # HDF5, NeXus, CXI
+    "tiff": (".ome.tiff", ".ome.tif", ".tiff", ".tif"),
+    "npy": (".npy",),
+    "zarr": (".zarr",),
+    "raw": (".raw", ".bin", ".vol", ".dat"),
+}
+HDF5_SUFFIXES = FORMAT_SUFFIXES["hdf5"]
+TIFF_SUFFIXES = (".tif", ".tiff")  # what Path.suffix gives for every TIFF name above
+RAW_SUFFIXES = FORMAT_SUFFIXES["raw"]
+READABLE_SUFFIXES: tuple[str, ...] = tuple(s for suffixes in FORMAT_SUFFIXES.values() for s in suffixes)
+_DATASET = re.compile(r"^(.*?(?:" + "|".join(re.escape(s) for s in HDF5_SUFFIXES) + r")):(.*)$",
+                      re.IGNORECASE | re.DOTALL)
+_BYTE_ORDERS: dict[str, Literal["<", ">", "=", "|"]] = {"<": "<", ">": ">", "=": "=", "|": "|"}
+
+
+def split_source(source: str | os.PathLike[str]) -> tuple[str, str | None]:
+    """``FILE.h5:/exchange/data`` -> ``("FILE.h5", "/exchange/data")``; other sources ->
+    ``(source, None)``. Any suffix of :data:`HDF5_SUFFIXES` may carry a dataset."""
+    text = os.fspath(source)
+    m = _DATASET.match(text)
+    return (text, None) if m is None else (m.group(1), m.group(2))
+
+
+def source_file(source: str | os.PathLike[str]) -> Path:
+    """The file or folder a source names (the HDF5 file of ``FILE.h5:/dataset``)."""
+    return Path(split_source(source)[0])
+
+
+def strip_suffix(name: str) -> str:
+    """``name`` without its readable-format suffix (``scan.ome.tif`` -> ``scan``); unchanged if none."""
+    lower = name.lower()
+    for ext in sorted(READABLE_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
 
 
 class Source(Protocol):
@@ -78,7 +114,8 @@ class TiffStack:
     def __post_init__(self) -> None:
         import tifffile
 
-        entries = sorted((p for p in self.path.iterdir() if not p.name.startswith(".")), key=lambda p: natural_key(p.name))
+        entries = sorted((p for p in self.path.iterdir() if not p.name.startswith(".")),
+                         key=lambda p: natural_key(p.name))
         self.files = [p for p in entries if p.suffix.lower() in TIFF_SUFFIXES]
         if not self.files:
             raise InputError(f"{self.path}: contains no .tif/.tiff slices; point to the folder holding the slices")
@@ -89,13 +126,16 @@ class TiffStack:
                     page = tif.pages.first
                     shape, dtype = tuple(page.shape), np.dtype(page.dtype)
                     if len(tif.pages) != 1 or len(shape) != 2:
-                        raise InputError(f"{f}: holds {len(tif.pages)} page(s) of shape {shape}; each slice file must be one 2D image")
+                        raise InputError(f"{f}: holds {len(tif.pages)} page(s) of shape {shape}; "
+                                         "each slice file must be one 2D image")
                     if not _tiff_page_ok(page, f.stat().st_size):
-                        raise InputError(f"{f}: is truncated (image data runs past the end of the file); re-export or replace this slice")
+                        raise InputError(f"{f}: is truncated (image data runs past the end of the file); "
+                                         "re-export or replace this slice")
             except InputError:
                 raise
             except Exception as exc:  # tifffile raises several types for non-TIFF content
-                raise InputError(f"{f}: is not a readable TIFF image ({type(exc).__name__}); remove it from the folder or replace it") from None
+                raise InputError(f"{f}: is not a readable TIFF image ({type(exc).__name__}); "
+                                 "remove it from the folder or replace it") from None
             if first is None:
                 first = (shape, dtype)
             elif (shape, dtype) != first:
@@ -141,12 +181,14 @@ class TiffVolume:
                 size = self.path.stat().st_size
                 for page in tif.pages:
                     if not _tiff_page_ok(page, size):
-                        raise InputError(f"{self.path}: is truncated (image data runs past the end of the file); re-export it")
+                        raise InputError(
+                            f"{self.path}: is truncated (image data runs past the end of the file); re-export it")
                 self._paged = len(tif.pages) == shape[0] if len(shape) == 3 else False
         except InputError:
             raise
         except Exception as exc:
-            raise InputError(f"{self.path}: is not a readable TIFF ({type(exc).__name__}: {exc}); check the file") from None
+            raise InputError(
+                f"{self.path}: is not a readable TIFF ({type(exc).__name__}: {exc}); check the file") from None
         squeezed = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
         self.shape = _check_shape(squeezed, self.path)
         self.dtype = _check_dtype(dtype, self.path)
@@ -182,7 +224,8 @@ class Hdf5Source:
                     )
                 ds = f[self.dataset]
                 if not isinstance(ds, h5py.Dataset):
-                    raise InputError(f"{self.path}:{self.dataset} is a group, not a dataset; name the dataset inside it")
+                    raise InputError(
+                        f"{self.path}:{self.dataset} is a group, not a dataset; name the dataset inside it")
                 self.shape = _check_shape(ds.shape, self.path)
                 self.dtype = _check_dtype(ds.dtype, self.path)
         except InputError:
@@ -211,12 +254,15 @@ class RawSource:
     dtype: np.dtype[Any] = field(default_factory=lambda: np.dtype("uint8"))
 
     def __post_init__(self) -> None:
-        if self.byte_order not in "<>=|" or len(self.byte_order) != 1:
+        order = _BYTE_ORDERS.get(self.byte_order)
+        if order is None:
             raise InputError(f"{self.path}: byte order {self.byte_order!r} is invalid; use '<' (little) or '>' (big)")
         try:
-            file_dtype = np.dtype(self.raw_dtype).newbyteorder(self.byte_order)
+            file_dtype = np.dtype(self.raw_dtype).newbyteorder(order)
         except TypeError:
-            raise InputError(f"{self.path}: dtype {self.raw_dtype!r} is unknown; use one of {', '.join(SUPPORTED_DTYPES)}") from None
+            raise InputError(
+                f"{self.path}: dtype {self.raw_dtype!r} is unknown; use one of {', '.join(SUPPORTED_DTYPES)}"
+            ) from None
         self.dtype = _check_dtype(file_dtype, self.path)
         self.shape = _check_shape(self.raw_shape, self.path)
         expected = int(np.prod(self.shape)) * file_dtype.itemsize + self.offset
@@ -248,7 +294,8 @@ class ArraySource:
             try:
                 self._array = np.load(self.path, mmap_mode="r", allow_pickle=False)
             except (ValueError, OSError) as exc:
-                raise InputError(f"{self.path}: is not a readable .npy array ({exc}); save it with numpy.save") from None
+                raise InputError(
+                    f"{self.path}: is not a readable .npy array ({exc}); save it with numpy.save") from None
         else:
             import zarr
 
@@ -278,12 +325,9 @@ def open_source(
 
     ``shape``/``dtype``/``byte_order``/``offset`` are for raw binary files only.
     """
-    text = os.fspath(spec)
-    for suffix in HDF5_SUFFIXES:
-        marker = suffix + ":"
-        if marker in text:
-            file_part, dataset = text.split(marker, 1)
-            return Hdf5Source(_existing(Path(file_part + suffix)), dataset=dataset or "/exchange/data")
+    text, dataset = split_source(spec)
+    if dataset is not None:
+        return Hdf5Source(_existing(Path(text)), dataset=dataset or "/exchange/data")
     path = _existing(Path(text))
     suffix = path.suffix.lower()
     if path.is_dir() and (path / "zarr.json").exists() or suffix == ".zarr":
@@ -296,12 +340,14 @@ def open_source(
         return Hdf5Source(path)
     if suffix == ".npy":
         return ArraySource(path, format="npy")
-    if shape is not None or dtype is not None or suffix in (".raw", ".bin", ".vol", ".dat"):
+    if shape is not None or dtype is not None or suffix in RAW_SUFFIXES:
         if shape is None or dtype is None:
             raise InputError(f"{path}: raw binary needs --shape Z Y X and --dtype (and --byte-order '<' or '>')")
-        return RawSource(path, raw_shape=tuple(int(s) for s in shape), raw_dtype=dtype, byte_order=byte_order, offset=offset)  # type: ignore[arg-type]
+        raw_shape: Any = tuple(int(s) for s in shape)  # its length is checked by RawSource
+        return RawSource(path, raw_shape=raw_shape, raw_dtype=dtype, byte_order=byte_order, offset=offset)
     raise InputError(
-        f"{path}: format not recognised; use a TIFF folder, .tif, .h5:/dataset, .npy, .zarr, or raw with --shape/--dtype"
+        f"{path}: format not recognised; use a TIFF folder, .tif, .h5:/dataset, .npy, .zarr, "
+        "or raw with --shape/--dtype"
     )
 
 

@@ -27,7 +27,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.core.errors import InputError, StorageError
-from pipeline.core.geometry import Box
+from pipeline.core.geometry import AXES, Box
 from pipeline.core.normalize import IntensityStats
 from pipeline.core.tiling import Block
 
@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 OME_VERSION = "0.5"
 DEFAULT_CHUNKS = (128, 128, 128)
-AXES = ("z", "y", "x")
 
 
 #: zstd level: 1 compresses tomograms about as well as 3 (the shuffle does most of the work) at

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline.core.geometry import AXES
 from pipeline.io.store import Image
 
 MAX_PX = 384
-AXES = ("z", "y", "x")
 
 
 def figure(

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io.store import AXES
+from pipeline.core.geometry import AXES
 
 
 def pct(x: float) -> str:

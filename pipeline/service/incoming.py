@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import ConfigError, one_line
-from pipeline.core.runconfig import WatchOptions, scan_name_for
+from pipeline.core.settings import WatchOptions, scan_name_for
+from pipeline.io.sources import READABLE_SUFFIXES
 from pipeline.service.runstate import RunStatus, now_iso
 from pipeline.service.watchstate import STATE_SCHEMA, WatchState
 
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = ".studios-watch"
 DEFAULT_INTERVAL = 120.0
-SCAN_SUFFIXES = (".tif", ".tiff", ".h5", ".hdf5", ".hdf", ".nxs", ".npy", ".zarr", ".raw", ".vol", ".bin", ".dat")
+SCAN_SUFFIXES = READABLE_SUFFIXES
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~", ".lock", ".swp")
 INNER_MARKERS = ("DONE",)
 
@@ -224,7 +225,7 @@ def watch_settings(
     Raises:
         ConfigError: a bad ``watch:`` key or value, no output root, or no incoming folder.
     """
-    from pipeline.core.config import load_yaml, parse_section
+    from pipeline.core.schema import load_yaml, parse_section
 
     data = load_yaml(config) if config else {}
     section = dict(data.get("watch") or {})

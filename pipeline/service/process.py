@@ -34,7 +34,8 @@ from pipeline.core.errors import (
     one_line,
 )
 from pipeline.core.progress import Reporter
-from pipeline.core.runconfig import (
+from pipeline.core.schema import Section
+from pipeline.core.settings import (
     ClusterOptions,
     IngestOptions,
     ModelOptions,
@@ -48,7 +49,7 @@ from pipeline.service.runstate import RunStatus, StatusReporter, now_iso
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
+T = TypeVar("T", bound=Section)
 
 #: Errors a retry cannot fix: bad input or config, an existing output, a lock held by another run.
 NOT_RETRYABLE = (ConfigError, InputError, ModelError, OutputExistsError, LedgerMismatchError, LockError)
@@ -69,7 +70,7 @@ def error_line(exc: BaseException) -> str:
 
 def parse_options(value: dict[str, Any] | None, cls: type[T], name: str) -> T:
     """A flow parameter (a mapping) parsed strictly into the options dataclass ``cls``."""
-    from pipeline.core.config import parse_section
+    from pipeline.core.schema import parse_section
 
     return parse_section(value or {}, cls, f"parameter {name}")
 
@@ -162,7 +163,7 @@ def _stage(status: RunStatus | None, reporter: Reporter | None, stage: str) -> R
 
 def reusable_scan(output: Path, source: str) -> dict[str, Any] | None:
     """The summary of ``output`` if it is a finished scan ingested from ``source``, else ``None``."""
-    from pipeline.core.runconfig import _source_file
+    from pipeline.io.sources import source_file
     from pipeline.io.store import open_image
 
     if not output.exists():
@@ -172,7 +173,7 @@ def reusable_scan(output: Path, source: str) -> dict[str, Any] | None:
     except InputError:
         return None  # not a finished scan: ingest refuses or replaces it with a clear message
     made_from = image.attrs.get("provenance", {}).get("source")
-    if not made_from or Path(made_from).resolve() != _source_file(source).resolve():
+    if not made_from or Path(made_from).resolve() != source_file(source).resolve():
         return None
     return {"path": str(output), "shape": list(image.shape), "dtype": str(image.array.dtype),
             "mean": image.stats.mean, "std": image.stats.std, "reused": True}

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+from pipeline.core.hosts import holder_alive
 from pipeline.service.incoming import DEFAULT_STATE_DIR
 from pipeline.service.runstate import STATUS_FILE, read_json
 
@@ -42,16 +43,6 @@ def _parse_time(text: Any) -> float | None:
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.UTC)
     return t.timestamp()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
 
 
 def find_scan_folders(root: Path) -> list[Path]:
@@ -138,7 +129,7 @@ def scan_info(folder: Path, root: Path, *, now: float | None = None) -> dict[str
         state = "queued" if ledger is None else "done" if ledger["complete"] else "running"
     if state == "running" and ledger is not None and ledger["lock"]:
         lock = ledger["lock"]
-        if lock.get("host") == os.uname().nodename and not _pid_alive(int(lock.get("pid") or 0)):
+        if holder_alive(lock) is False:
             state, error = "failed", f"the run writing {seg.name} died (stale lock); rerun to resume"
     progress: dict[str, Any] = {}
     live = status.get("progress") or {}

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.hosts import holder_alive, holder_info
 from pipeline.service.runstate import atomic_write_json, now_iso, read_json
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class WatchState:
     def claim(self, name: str, info: dict[str, Any]) -> bool:
         """Create the claim with O_EXCL; take over a claim whose process died on this host."""
         path = self.claim_path(name)
-        payload = json.dumps({**info, "host": socket.gethostname(), "pid": os.getpid(), "claimed": now_iso()})
+        payload = json.dumps({**info, **holder_info(), "claimed": now_iso()})
         for _ in range(2):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -98,13 +99,7 @@ class WatchState:
         pid = int(holder.get("pid") or 0)
         if pid <= 0 or pid == os.getpid():
             return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return holder_alive(holder) is False
 
     def recover(self, data: dict[str, Any]) -> list[str]:
         """Scans left queued/running by a run that died (claim gone or stale) become ``interrupted``."""

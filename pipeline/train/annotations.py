@@ -43,12 +43,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.geometry import AXES
+from pipeline.io.sources import TIFF_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
-AXES = ("z", "y", "x")
 IMAGE_SUFFIXES = (".png", ".bmp", ".gif", ".pgm", ".ppm", ".pnm")
-TIFF_SUFFIXES = (".tif", ".tiff")
 YAML_SUFFIXES = (".yaml", ".yml")
 MAX_LABEL = 255
 MAX_LABELLED = 1 << 28  # labelled voxels accepted (about 64 slices of 2048^2)

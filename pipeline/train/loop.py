@@ -301,7 +301,7 @@ def default_threads() -> int:
     Oversubscribed OpenMP threads spin-wait: on a 2-core machine with a load of 5, two training
     threads ran 3-5x slower per step than one. At least 1.
     """
-    from pipeline.compute.cluster import cpu_count
+    from pipeline.compute.hosts import cpu_count
 
     n = cpu_count()
     try:

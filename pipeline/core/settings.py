@@ -1,6 +1,7 @@
 """Run profiles: one YAML file describes a whole ``process_scan`` run (``studios run CONFIG``).
 
-A profile is parsed once, strictly, into frozen dataclasses (:func:`parse_run_config`); unknown
+A profile is parsed once, strictly, into frozen pydantic models (:func:`parse_run_config`; the
+base, :class:`~pipeline.core.schema.Section`, is shared with the cluster and SLURM settings); unknown
 keys, wrong types, missing required keys and missing input files are one-line
 :class:`~pipeline.core.errors.ConfigError` messages naming the file and the key. The top-level keys
 are exactly the parameters of the ``process_scan`` flow, so a profile, the flow's parameters
@@ -18,164 +19,177 @@ in the Prefect UI and a deployment's ``parameters:`` all read the same::
     watch:    {incoming: /data/incoming, interval: 120, settle_seconds: 120}   # studios serve only
 
 Relative paths are relative to the current directory (as on the command line); profiles used
-by deployments should use absolute paths. This module imports neither Prefect nor Dask.
+by deployments should use absolute paths. This module imports neither Prefect, Dask nor torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pipeline.core.config import load_yaml, parse_section
+from pydantic import Field, model_validator
+
+from pipeline.compute.cluster import ClusterSpec
 from pipeline.core.errors import ConfigError
+from pipeline.core.schema import (
+    Bool,
+    Float,
+    FloatTriple,
+    Int,
+    Section,
+    Str,
+    Triple,
+    load_yaml,
+    path_or_none,
+    validate,
+)
+from pipeline.io.sources import FORMAT_SUFFIXES, source_file, split_source, strip_suffix
 
 BUNDLED_PREFIX = "bundled:"
 CLUSTER_KINDS = ("local", "address", "slurm", "cuda", "serial")
 COMPLETION_RULES = ("marker", "settled", "either")
-_HDF5_SUFFIXES = (".h5", ".hdf5", ".nxs", ".hdf")
 
 
-@dataclass(frozen=True)
-class IngestOptions:
+class IngestOptions(Section):
     """``ingest:`` how the reconstruction becomes ``scan.zarr`` (see ``studios ingest --help``)."""
 
-    chunks: tuple[int, int, int] = (128, 128, 128)
-    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    unit: str = "micrometer"
-    workers: int = 2
-    nonfinite: str = "error"
-    shape: tuple[int, int, int] | None = None  # raw binary files only
-    dtype: str | None = None
-    byte_order: str = "<"
-    offset: int = 0
+    SECTION = "ingest"
 
-    def __post_init__(self) -> None:
-        if self.nonfinite not in ("error", "zero"):
-            raise ValueError(f"nonfinite {self.nonfinite!r} is unknown; use 'error' or 'zero'")
-        if self.byte_order not in ("<", ">"):
-            raise ValueError(f"byte_order {self.byte_order!r} is unknown; use '<' or '>'")
+    chunks: Triple = (128, 128, 128)
+    voxel_size: FloatTriple = (1.0, 1.0, 1.0)
+    unit: Str = "micrometer"
+    workers: Int = Field(2, ge=1)
+    nonfinite: Literal["error", "zero"] = "error"
+    shape: Triple | None = None  # raw binary files only
+    dtype: Str | None = None
+    byte_order: Literal["<", ">"] = "<"
+    offset: Int = Field(0, ge=0)
 
 
-@dataclass(frozen=True)
-class ModelInit:
+class ModelInit(Section):
     """``model.init:`` a bundle with seeded random weights (trying the engine, the demo)."""
 
-    classes: tuple[str, ...] = ("background", "foreground")
-    arch: str | None = None
-    params: Mapping[str, Any] = field(default_factory=dict)
-    seed: int = 0
+    SECTION = "model.init"
+
+    classes: tuple[Str, ...] = ("background", "foreground")
+    arch: Str | None = None
+    params: Mapping[str, Any] = Field(default_factory=dict)
+    seed: Int = 0
 
 
-@dataclass(frozen=True)
-class TrainOptions:
+class TrainOptions(Section):
     """``model.train:`` train a model from sparse annotations of this scan (``studios train``)."""
 
+    SECTION = "model.train"
+
     annotations: Path
-    arch: str | None = None
+    arch: Str | None = None
     params: Mapping[str, Any] | None = None
-    classes: tuple[str, ...] | None = None
-    minutes: float | None = None
-    epochs: int | None = None
-    seed: int = 0
-    device: str = "cpu"
+    classes: tuple[Str, ...] | None = None
+    minutes: Float | None = None
+    epochs: Int | None = None
+    seed: Int = 0
+    device: Str = "cpu"
 
 
-@dataclass(frozen=True)
-class ModelOptions:
+class ModelOptions(Section):
     """``model:`` exactly one of ``bundle`` (an existing bundle), ``init`` or ``train``."""
+
+    SECTION = "model"
 
     bundle: Path | None = None
     init: ModelInit | None = None
     train: TrainOptions | None = None
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelOptions:
         given = [k for k in ("bundle", "init", "train") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of bundle, init, train (got {', '.join(given) or 'none'})")
+        return self
 
     @property
     def kind(self) -> str:
         return "bundle" if self.bundle is not None else "init" if self.init is not None else "train"
 
 
-@dataclass(frozen=True)
-class SegmentOptions:
+class SegmentOptions(Section):
     """``segment:`` the blockwise stage (see ``studios segment --help``)."""
 
-    block: int | tuple[int, int, int] | None = None  # default 128 (on GPUs: sized to free memory)
-    chunks: tuple[int, int, int] | None = None
-    probabilities: bool = False
-    device: str | None = None  # default cuda on GPU clusters, else cpu
-    precision: str = "fp32"
-    exact: bool = False
-    skip_constant: bool = False
+    SECTION = "segment"
+
+    block: Int | Triple | None = None  # default 128 (on GPUs: sized to free memory)
+    chunks: Triple | None = None
+    probabilities: Bool = False
+    device: Str | None = None  # default cuda on GPU clusters, else cpu
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    exact: Bool = False
+    skip_constant: Bool = False
     mask: Path | None = None
-    retries: int = 2
+    retries: Int = Field(2, ge=0)
 
 
-@dataclass(frozen=True)
-class ClusterOptions:
+class ClusterOptions(Section):
     """``cluster:`` where the blocks run: the keys of a site profile's ``cluster:`` section.
 
     The keys are those of :class:`~pipeline.compute.cluster.ClusterSpec` (``kind``, ``workers``,
-    ``threads_per_worker``, ``address``, ``memory_limit``, ``slurm``, ``adapt``, ...), checked by
-    it. ``kind``: ``local`` (a LocalCluster started for the run), ``address`` (an existing
-    scheduler), ``slurm`` (dask-jobqueue), ``cuda`` (one worker per GPU), or ``serial`` (blocks
-    run one by one in the flow's own process; debugging and tiny scans).
+    ``threads_per_worker``, ``address``, ``memory_limit``, ``slurm``, ``adapt``, ...), parsed
+    once into the :class:`ClusterSpec` kept here. ``kind``: ``local`` (a LocalCluster started
+    for the run), ``address`` (an existing scheduler), ``slurm`` (dask-jobqueue), ``cuda`` (one
+    worker per GPU), or ``serial`` (blocks run one by one in the flow's own process; debugging
+    and tiny scans; the other keys are checked as for ``local``).
     """
 
-    kind: str = "local"
-    values: Mapping[str, Any] = field(default_factory=dict)
+    SECTION = "cluster"
+    FLAT = frozenset({"cluster_spec"})
+
+    kind: Literal["local", "address", "slurm", "cuda", "serial"] = "local"
+    cluster_spec: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data: Any) -> Any:
+        """The file writes the ClusterSpec keys beside ``kind``: nest them."""
+        if not isinstance(data, Mapping) or "cluster_spec" in data:
+            return data
+        values = dict(data)
+        kind = values.get("kind", "local")
+        return {"kind": kind, "cluster_spec": {**values, "kind": "local" if kind == "serial" else kind}}
 
     @classmethod
     def parse(cls, section: Any, where: str) -> ClusterOptions:
-        from pipeline.compute.cluster import ClusterSpec
+        """Validate a ``cluster:`` mapping; errors read ``WHERE.key: problem``."""
+        return validate(cls, section, where)
 
-        if section is None:
-            section = {}
-        if not isinstance(section, Mapping):
-            raise ConfigError(f"{where}: expected a mapping of keys, got {section!r}")
-        values = dict(section)
-        kind = values.get("kind", "local")
-        if kind not in CLUSTER_KINDS:
-            raise ConfigError(f"{where}.kind: {kind!r} is unknown; use one of {', '.join(CLUSTER_KINDS)}")
-        check = {**values, "kind": "local"} if kind == "serial" else values
-        try:
-            parse_section(check, ClusterSpec, where)
-        except ConfigError as exc:  # ClusterSpec's own messages do not name the file
-            msg = str(exc)
-            raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-        values["kind"] = kind
-        return cls(kind=kind, values=values)
+    @property
+    def values(self) -> dict[str, Any]:
+        """The keys the profile gave (besides ``kind``), JSON-able."""
+        data = self.cluster_spec.model_dump(mode="json", exclude_unset=True)
+        data.pop("kind", None)
+        return data
 
-    def spec(self) -> Any:
+    def spec(self) -> ClusterSpec | None:
         """The :class:`~pipeline.compute.cluster.ClusterSpec`, or ``None`` for ``serial``."""
-        if self.kind == "serial":
-            return None
-        from pipeline.compute.cluster import ClusterSpec
-
-        return parse_section(dict(self.values), ClusterSpec, "cluster")
+        return None if self.kind == "serial" else self.cluster_spec
 
     def to_json(self) -> dict[str, Any]:
-        return _jsonable({**self.values, "kind": self.kind})
+        return _drop_none({**self.values, "kind": self.kind})
 
 
-@dataclass(frozen=True)
-class QCOptions:
+class QCOptions(Section):
     """``qc:`` quality control after segmentation (``studios qc``); ``truth``: a label volume."""
 
-    enabled: bool = True
+    SECTION = "qc"
+
+    enabled: Bool = True
     truth: Path | None = None
 
 
-@dataclass(frozen=True)
-class WatchOptions:
+class WatchOptions(Section):
     """``watch:`` scheduled beamline processing (``studios serve``): new scans in ``incoming``.
 
     A scan is complete when its marker exists (``<scan><marker>`` beside it, or ``DONE`` /
@@ -183,39 +197,36 @@ class WatchOptions:
     its files (names, sizes, mtimes) did not change for ``settle_seconds`` across two looks.
     """
 
-    incoming: Path
-    interval: float | None = None
-    cron: str | None = None
-    settle_seconds: float = 120.0
-    completion: str = "either"
-    marker: str = ".complete"
-    state_dir: Path | None = None
-    max_scans: int = 0
+    SECTION = "watch"
 
-    def __post_init__(self) -> None:
-        if self.completion not in COMPLETION_RULES:
-            raise ValueError(f"completion {self.completion!r} is unknown; use one of {', '.join(COMPLETION_RULES)}")
+    incoming: Path
+    interval: Float | None = Field(None, gt=0)
+    cron: Str | None = None
+    settle_seconds: Float = Field(120.0, ge=0)
+    completion: Literal["marker", "settled", "either"] = "either"
+    marker: Str = ".complete"
+    state_dir: Path | None = None
+    max_scans: Int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> WatchOptions:
         if self.interval is not None and self.cron is not None:
             raise ValueError("give interval or cron, not both")
-        if self.interval is not None and self.interval <= 0:
-            raise ValueError("interval must be > 0 seconds")
-        if self.settle_seconds < 0:
-            raise ValueError("settle_seconds must be >= 0")
+        return self
 
 
-@dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Section):
     """A whole run: the parameters of the ``process_scan`` flow."""
 
-    source: str | None = None
+    source: Str | None = None
     output: Path | None = None
-    name: str | None = None
-    overwrite: bool = False
-    ingest: IngestOptions = field(default_factory=IngestOptions)
+    name: Str | None = None
+    overwrite: Bool = False
+    ingest: IngestOptions = Field(default_factory=IngestOptions)
     model: ModelOptions | None = None
-    segment: SegmentOptions = field(default_factory=SegmentOptions)
-    cluster: ClusterOptions = field(default_factory=ClusterOptions)
-    qc: QCOptions = field(default_factory=QCOptions)
+    segment: SegmentOptions = Field(default_factory=SegmentOptions)
+    cluster: ClusterOptions = Field(default_factory=ClusterOptions)
+    qc: QCOptions = Field(default_factory=QCOptions)
     watch: WatchOptions | None = None
 
     @property
@@ -228,20 +239,16 @@ class RunConfig:
 
     def to_parameters(self, *, with_watch: bool = False) -> dict[str, Any]:
         """JSON-able mapping (the flow's parameters); ``None`` values and ``watch`` left out."""
-        data = _jsonable(dataclasses.asdict(self))
+        data = self.model_dump(mode="json", exclude_none=True, exclude={"cluster"})
         data["cluster"] = self.cluster.to_json()
         if not with_watch:
             data.pop("watch", None)
-        return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
-def _jsonable(value: Any) -> Any:
+def _drop_none(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
+        return {str(k): _drop_none(v) for k, v in value.items() if v is not None}
     return value
 
 
@@ -250,14 +257,8 @@ def scan_name_for(source: str | os.PathLike[str]) -> str:
     text = os.fspath(source)
     if text.startswith(BUNDLED_PREFIX):
         text = text[len(BUNDLED_PREFIX):]
-    for suffix in _HDF5_SUFFIXES:
-        if suffix + ":" in text:
-            text = text.split(suffix + ":", 1)[0] + suffix
-    name = Path(text.rstrip("/")).name
-    for ext in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".zarr", ".npy", ".raw", *_HDF5_SUFFIXES):
-        if name.lower().endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)]
-    return name or "scan"
+    name = Path(split_source(text)[0].rstrip("/")).name
+    return strip_suffix(name) or "scan"
 
 
 def resolve_source(source: str, where: str = "source") -> str:
@@ -270,22 +271,14 @@ def resolve_source(source: str, where: str = "source") -> str:
             )
         path = Path(str(resources.files("pipeline") / "data" / name))
         if not path.is_file():
-            available = sorted(p.name for p in path.parent.iterdir() if p.suffix in (".tif", ".tiff", ".h5", ".npy"))
+            readable = {*FORMAT_SUFFIXES["tiff"], *FORMAT_SUFFIXES["hdf5"], *FORMAT_SUFFIXES["npy"]}
+            available = sorted(p.name for p in path.parent.iterdir() if p.suffix.lower() in readable)
             raise ConfigError(f"{where}: no bundled file {name!r}; bundled: {', '.join(available)}")
         return str(path)
-    for suffix in _HDF5_SUFFIXES:
-        marker = suffix + ":"
-        if marker in source:
-            file_part, dataset = source.split(marker, 1)
-            return str(Path(file_part + suffix).absolute()) + ":" + dataset
+    file_part, dataset = split_source(source)
+    if dataset is not None:
+        return str(Path(file_part).expanduser().absolute()) + ":" + dataset
     return str(Path(source).expanduser().absolute())
-
-
-def _source_file(source: str) -> Path:
-    for suffix in _HDF5_SUFFIXES:
-        if suffix + ":" in source:
-            return Path(source.split(suffix + ":", 1)[0] + suffix)
-    return Path(source)
 
 
 def parse_run_config(
@@ -300,7 +293,9 @@ def parse_run_config(
             (``studios serve``) gives ``watch`` instead of ``source``.
         check_files: check that every input file exists.
     """
-    cfg = _parse_top(data, where)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {data!r}")
+    cfg = validate(RunConfig, {k: v for k, v in data.items() if v is not None}, where, top=True)
     if require_source:
         for key in ("source", "output", "model"):
             if getattr(cfg, key) is None:
@@ -308,90 +303,40 @@ def parse_run_config(
                 raise ConfigError(f"{where}: missing required key {key!r}{hint}")
     elif cfg.model is None:
         raise ConfigError(f"{where}: missing required key 'model'")
-    changes: dict[str, Any] = {}
-    if cfg.source is not None:
-        changes["source"] = resolve_source(cfg.source, f"{where}: source")
-    if cfg.output is not None:
-        changes["output"] = cfg.output.expanduser().absolute()
     if cfg.name is not None and not re.fullmatch(r"[\w.+-]{1,128}", cfg.name):
         raise ConfigError(f"{where}: name {cfg.name!r} may hold letters, digits, '.', '_', '+', '-' only")
-    cfg = dataclasses.replace(cfg, **changes)
-    cfg = _absolute_paths(cfg)
+    cfg = _absolute_paths(cfg, where)
     if check_files:
         _check_files(cfg, where)
     return cfg
 
 
-_SCALARS: dict[str, tuple[type, str]] = {
-    "source": (str, "a path or bundled:NAME"),
-    "output": (str, "a folder path"),
-    "name": (str, "a string"),
-    "overwrite": (bool, "true/false"),
-}
-_SECTIONS: dict[str, type] = {
-    "ingest": IngestOptions,
-    "model": ModelOptions,
-    "segment": SegmentOptions,
-    "cluster": ClusterOptions,
-    "qc": QCOptions,
-    "watch": WatchOptions,
-}
-
-
-def _parse_top(data: Mapping[str, Any], where: str) -> RunConfig:
-    """Errors read ``FILE: section.key: problem``."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of sections, got {data!r}")
-    allowed = [f.name for f in dataclasses.fields(RunConfig)]
-    unknown = sorted(str(k) for k in data if k not in allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if value is None:
-            continue
-        if key in _SCALARS:
-            tp, what = _SCALARS[key]
-            if not isinstance(value, tp) or (tp is str and isinstance(value, bool)):
-                raise ConfigError(f"{where}: {key}: expected {what}, got {value!r}")
-            kwargs[key] = Path(str(value)) if key == "output" else value
-        elif key == "cluster":
-            kwargs[key] = ClusterOptions.parse(value, f"{where}: cluster")
-        else:
-            kwargs[key] = parse_section(value, _SECTIONS[key], f"{where}: {key}")
-    return RunConfig(**kwargs)
-
-
-def _absolute_paths(cfg: RunConfig) -> RunConfig:
+def _absolute_paths(cfg: RunConfig, where: str) -> RunConfig:
     model = cfg.model
     if model is not None and model.bundle is not None:
-        model = dataclasses.replace(model, bundle=model.bundle.expanduser().absolute())
+        model = model.model_copy(update={"bundle": path_or_none(model.bundle)})
     if model is not None and model.train is not None:
         ann = str(model.train.annotations)
-        annotations = (
-            Path(resolve_source(ann, "model.train.annotations"))
-            if ann.startswith(BUNDLED_PREFIX)
-            else model.train.annotations.expanduser().absolute()
-        )
-        model = dataclasses.replace(model, train=dataclasses.replace(model.train, annotations=annotations))
-    segment = cfg.segment
-    if segment.mask is not None:
-        segment = dataclasses.replace(segment, mask=segment.mask.expanduser().absolute())
-    qc = cfg.qc
-    if qc.truth is not None:
-        qc = dataclasses.replace(qc, truth=qc.truth.expanduser().absolute())
+        annotations = (Path(resolve_source(ann, f"{where}: model.train.annotations"))
+                       if ann.startswith(BUNDLED_PREFIX) else path_or_none(model.train.annotations))
+        model = model.model_copy(update={"train": model.train.model_copy(update={"annotations": annotations})})
     watch = cfg.watch
     if watch is not None:
-        watch = dataclasses.replace(
-            watch, incoming=watch.incoming.expanduser().absolute(),
-            state_dir=watch.state_dir.expanduser().absolute() if watch.state_dir else None,
-        )
-    return dataclasses.replace(cfg, model=model, segment=segment, qc=qc, watch=watch)
+        watch = watch.model_copy(update={"incoming": path_or_none(watch.incoming),
+                                         "state_dir": path_or_none(watch.state_dir)})
+    return cfg.model_copy(update={
+        "source": resolve_source(cfg.source, f"{where}: source") if cfg.source is not None else None,
+        "output": path_or_none(cfg.output),
+        "model": model,
+        "segment": cfg.segment.model_copy(update={"mask": path_or_none(cfg.segment.mask)}),
+        "qc": cfg.qc.model_copy(update={"truth": path_or_none(cfg.qc.truth)}),
+        "watch": watch,
+    })
 
 
 def _check_files(cfg: RunConfig, where: str) -> None:
     checks: list[tuple[str, Path | None]] = [
-        ("source", _source_file(cfg.source) if cfg.source else None),
+        ("source", source_file(cfg.source) if cfg.source else None),
         ("segment.mask", cfg.segment.mask),
         ("qc.truth", cfg.qc.truth),
     ]
