@@ -218,7 +218,9 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-PLUGINS = ("pipeline.cli.train", "pipeline.cli.qc", "pipeline.cli.annotate", "flows.cli")  # flows.cli imports Prefect; pipeline/ never does
+# flows.cli imports Prefect; pipeline/ never does
+PLUGINS = ("pipeline.cli.train", "pipeline.cli.suggest", "pipeline.cli.propose", "pipeline.cli.qc", "pipeline.cli.annotate",
+           "flows.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
