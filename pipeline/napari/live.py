@@ -104,6 +104,9 @@ class LivePreview(QObject):
         """Predict the slice on screen (after the running preview stops)."""
         if not self.enabled or self.model is None:
             return
+        if self.scan_layer not in self.viewer.layers:  # the scan was closed (or the viewer is closing)
+            self.enabled = False
+            return
         if self._worker is not None:
             self._pending = True
             self._worker.quit()
@@ -121,7 +124,7 @@ class LivePreview(QObject):
         self._pending = False
         worker = create_worker(preview_slice, model.model, self.scan, axis, index, offset=model.offset,
                                scale=model.scale, tile=self.tile, focus=focus, exact=self.exact,
-                               _start_thread=False)
+                               _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_tile)
         worker.finished.connect(self._on_done)
         worker.errored.connect(self._on_error)

@@ -35,7 +35,7 @@ def open_session(
 
     open_image(scan, kind="scan")  # a one-line error for anything but an ingested scan
     viewer.open(os.fspath(scan), plugin="studios")
-    widget = StudiosWidget(viewer)
+    widget = StudiosWidget(viewer, attach_open_scan=False)
     widget.attach(scan, model, tuple(classes) if classes else None)
     viewer.window.add_dock_widget(widget, name=WIDGET_NAME, area="right")
     viewer.reset_view()

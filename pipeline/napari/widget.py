@@ -60,7 +60,7 @@ def segmentation_path_for(scan: str | os.PathLike[str]) -> Path:
 class StudiosWidget(QWidget):
     """The studios loop for the scan open in ``napari_viewer`` (see the module docstring)."""
 
-    def __init__(self, napari_viewer: Any) -> None:
+    def __init__(self, napari_viewer: Any, *, attach_open_scan: bool = True) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.scan: Path | None = None
@@ -77,7 +77,7 @@ class StudiosWidget(QWidget):
         self._workers: dict[str, Any] = {}
         self._next = 0
         self._build()
-        for layer in self.viewer.layers:
+        for layer in self.viewer.layers if attach_open_scan else ():
             if layer.metadata.get("studios_kind") == "scan":
                 self.attach(layer.metadata["path"])
                 break
@@ -170,6 +170,8 @@ class StudiosWidget(QWidget):
             data, kwargs, _ = labels_layer(self.store.path)
             kwargs["name"] = "annotations"
             self.annotations_layer = self.viewer.add_labels(data, **kwargs)
+        self.annotations_layer.colormap = label_colormap(self.store.colors)
+        self.annotations_layer.features = {"class": ["unlabelled", *self.store.classes]}
         self.annotations_layer.selected_label = 1
         self.classes.set_classes(self.store.classes, self.store.colors)
         self.live = LivePreview(self.viewer, scan_layer, image.array, self.store.colors)
@@ -238,7 +240,7 @@ class StudiosWidget(QWidget):
         self.train_progress.setValue(0)
         worker = create_worker(jobs.run_training, str(self.scan), str(self.store.path), str(self.model_dir),
                                self.store.classes, seconds=float(self.budget.value()), reporter=reporter,
-                               _start_thread=False)
+                               _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._trained)
         worker.errored.connect(lambda exc: self._job_failed("train", exc))
         worker.finished.connect(lambda: self._job_done("train"))
@@ -305,7 +307,7 @@ class StudiosWidget(QWidget):
         from napari.qt.threading import create_worker
 
         worker = create_worker(jobs.run_suggest, str(self.scan), str(self.model_dir), str(self.store.path),
-                               _start_thread=False)
+                               _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self.set_suggestions)
         worker.errored.connect(lambda exc: self._job_failed("suggest", exc))
         worker.finished.connect(lambda: self._job_done("suggest"))
@@ -374,7 +376,7 @@ class StudiosWidget(QWidget):
         self.segment_progress.setValue(0)
         self.segmentation = segmentation_path_for(self.scan)
         worker = create_worker(jobs.run_segmentation, str(self.scan), str(self.model_dir), str(self.segmentation),
-                               profile=profile or None, reporter=reporter, _start_thread=False)
+                               profile=profile or None, reporter=reporter, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._segmented)
         worker.errored.connect(lambda exc: self._job_failed("segment", exc))
         worker.finished.connect(lambda: self._job_done("segment"))
