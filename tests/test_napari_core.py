@@ -157,3 +157,32 @@ def test_preview_default_mode_labels_equal_except_float_ties(cement: dict[str, P
     labels = np.asarray(zarr.open_group(str(cement["seg"]), mode="r")["0"][30])
     margin = np.abs(pv.probs[0] - pv.probs[1])
     assert np.array_equal(pv.labels[margin > 1e-5], labels[margin > 1e-5])
+
+
+def test_chunk_cache_matches_numpy_and_flushes_only_touched_chunks(tmp_path: Path) -> None:
+    from pipeline.napari.cache import ChunkCache
+
+    z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(40, 50, 60), chunks=(16, 16, 16), dtype="uint8",
+                          fill_value=0, zarr_format=3)
+    ref = np.zeros(z.shape, np.uint8)
+    cache = ChunkCache(z)
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # brush dabs: fancy reads and writes
+        pts = tuple(rng.integers(0, 20, 20) for _ in z.shape)  # dabs inside chunks (0..1)^3
+        vals = rng.integers(1, 5, 20).astype(np.uint8)
+        cache[pts] = vals
+        ref[pts] = vals
+        assert np.array_equal(cache[pts], ref[pts])
+    cache[3] = 7
+    ref[3] = 7
+    cache[5:9, 2, 10:40] = 2
+    ref[5:9, 2, 10:40] = 2
+    for key in [(3,), (slice(None), 7), (slice(None), slice(None), 59), (slice(2, 30), 10, slice(5, 55)),
+                (Ellipsis, 4), (-1,)]:
+        assert np.array_equal(cache[key], ref[key]), key
+    assert not np.asarray(z[...]).any()  # nothing written before the flush
+    touched = cache.dirty
+    assert cache.flush() == touched and cache.dirty == 0
+    assert np.array_equal(np.asarray(z[...]), ref)
+    stored = [p for p in (tmp_path / "a.zarr" / "c").rglob("*") if p.is_file()]
+    assert len(stored) == touched < 3 * 4 * 4  # of 48 chunks

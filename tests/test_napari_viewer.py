@@ -82,10 +82,13 @@ def test_loop_in_a_real_viewer(make_napari_viewer: Any, qtbot: Any, scan: Path, 
         ann.paint((30, 100, x), 2, refresh=False)
     viewer.dims.order = (0, 1, 2)
     viewer.dims.set_point(0, 64)
+    assert widget.cache.dirty > 0  # painted, not yet saved ...
+    qtbot.waitUntil(lambda: widget.cache.dirty == 0, timeout=10_000)  # ... saved by itself
     stored = widget.store.stored_chunks()
-    touched = {tuple(c // n for c, n in zip(p, CHUNKS, strict=True)) for p in zip(*np.nonzero(ann.data[...]), strict=True)}
+    painted = zip(*np.nonzero(ann.data[...]), strict=True)
+    touched = {tuple(c // n for c, n in zip(p, CHUNKS, strict=True)) for p in painted}
     assert stored == sorted("c/" + "/".join(map(str, t)) for t in touched) and 0 < len(stored) < 8
-    assert int(np.asarray(ann.data[30, 100, 40])) == 2
+    assert int(np.asarray(ann.data[30, 100, 40])) == 2 == int(np.asarray(widget.store.array[30, 100, 40]))
 
     # train with a tiny budget in the background; the viewer keeps processing events meanwhile
     widget.budget.setValue(10.0)
@@ -154,7 +157,7 @@ def test_loop_in_a_real_viewer(make_napari_viewer: Any, qtbot: Any, scan: Path, 
 def test_cancel_training_writes_nothing(make_napari_viewer: Any, qtbot: Any, scan: Path) -> None:
     viewer = make_napari_viewer(show=True)
     widget = open_session(viewer, scan, classes=("void", "cement"))
-    widget.store.array[64] = _scribble(64)
+    widget.annotations_layer.data[64] = _scribble(64)
     widget.budget.setValue(120.0)
     widget.train_button.click()
     qtbot.waitUntil(lambda: widget.train_progress.value() > 0, timeout=120_000)
@@ -164,7 +167,7 @@ def test_cancel_training_writes_nothing(make_napari_viewer: Any, qtbot: Any, sca
     assert not (widget.model_dir / "model.json").exists()
 
 
-def test_annotations_survive_a_restart(make_napari_viewer: Any, scan: Path) -> None:
+def test_annotations_survive_a_restart(make_napari_viewer: Any, qtbot: Any, scan: Path) -> None:
     viewer = make_napari_viewer(show=True)
     widget = open_session(viewer, scan, classes=("void", "cement"))
     ann = viewer.layers["annotations"]
@@ -172,6 +175,7 @@ def test_annotations_survive_a_restart(make_napari_viewer: Any, scan: Path) -> N
     ann.paint((10, 50, 50), 2)
     widget.classes.set_color(1, "#00ff00")
     painted = np.asarray(ann.data[10])
+    qtbot.waitUntil(lambda: widget.cache.dirty == 0, timeout=10_000)  # the autosave
     viewer.close()
     again = make_napari_viewer(show=True)
     widget2 = open_session(again, scan)

@@ -29,8 +29,7 @@ class ClassTable(QWidget):
         super().__init__()
         self.table = QTableWidget(0, 2)
         self.table.setHorizontalHeaderLabels(["class", "colour"])
-        self.table.horizontalHeader().setStretchLastSection(True)
-        self.table.verticalHeader().setVisible(True)
+        self.table.horizontalHeader().setStretchLastSection(True)  # type: ignore[union-attr]
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
         self.table.setMaximumHeight(140)
@@ -65,7 +64,8 @@ class ClassTable(QWidget):
             self._quiet = False
 
     def names(self) -> tuple[str, ...]:
-        return tuple(self.table.item(k, 0).text() for k in range(self.table.rowCount()))
+        items = (self.table.item(k, 0) for k in range(self.table.rowCount()))
+        return tuple(item.text() if item is not None else "" for item in items)
 
     def colors(self) -> tuple[str, ...]:
         return tuple(self._colors)
@@ -94,6 +94,7 @@ class ClassTable(QWidget):
             self.set_color(row, chosen.name())
 
     def _select(self) -> None:
-        rows = self.table.selectionModel().selectedRows()
+        model = self.table.selectionModel()
+        rows = model.selectedRows() if model is not None else []
         if rows:
             self.selected.emit(rows[0].row() + 1)

@@ -18,7 +18,7 @@ import zarr
 
 from pipeline.core.errors import InputError
 from pipeline.io.store import open_image
-from pipeline.napari.store import default_colors
+from pipeline.napari.store import default_colors, studios_attrs
 
 LayerData = tuple[Any, dict[str, Any], str]
 KINDS = ("scan", "segmentation", "annotations")
@@ -30,7 +30,7 @@ def image_kind(path: str | os.PathLike[str]) -> str | None:
     if not (p / "zarr.json").is_file():
         return None
     try:
-        kind = zarr.open_group(str(p), mode="r").attrs.get("studios", {}).get("kind")
+        kind = studios_attrs(zarr.open_group(str(p), mode="r")).get("kind")
     except (ValueError, FileNotFoundError, KeyError, TypeError):
         return None
     return kind if kind in KINDS else None
@@ -64,7 +64,7 @@ def read_image(path: str | os.PathLike[str]) -> LayerData:
 def pyramid(path: str | os.PathLike[str]) -> list[da.Array]:
     """Levels ``0``, ``1``, ... of an image as lazy dask arrays (largest first)."""
     group = zarr.open_group(str(path), mode="r")
-    levels = []
+    levels: list[da.Array] = []
     while str(len(levels)) in group:
         node = group[str(len(levels))]
         if not isinstance(node, zarr.Array):
@@ -118,7 +118,7 @@ def labels_layer(path: str | os.PathLike[str]) -> LayerData:
     """
     kind = image_kind(path)
     group = zarr.open_group(str(path), mode="r" if kind == "segmentation" else "r+")
-    attrs = dict(group.attrs.get("studios", {}))
+    attrs = studios_attrs(group)
     if kind == "segmentation":
         image = open_image(path, kind="segmentation")
         levels: Any = pyramid(path)
@@ -129,7 +129,7 @@ def labels_layer(path: str | os.PathLike[str]) -> LayerData:
         voxel = _voxel_size(group)
     classes = [str(c) for c in attrs.get("classes", [])]
     colors = list(attrs.get("colors") or default_colors(len(classes)))
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "name": Path(path).name,
         "scale": voxel,
         "colormap": label_colormap(colors),
@@ -142,8 +142,9 @@ def labels_layer(path: str | os.PathLike[str]) -> LayerData:
 
 
 def _voxel_size(group: zarr.Group) -> tuple[float, float, float]:
+    ome: Any = group.attrs.asdict().get("ome")
     try:
-        scale = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+        scale = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
         return (float(scale[-3]), float(scale[-2]), float(scale[-1]))
     except (KeyError, IndexError, TypeError):
         return (1.0, 1.0, 1.0)

@@ -35,6 +35,12 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
 _HEX = re.compile(r"#[0-9a-fA-F]{6}")
 
 
+def studios_attrs(group: zarr.Group) -> dict[str, Any]:
+    """``attributes["studios"]`` of a group as a plain dict (empty if absent)."""
+    value = dict(group.attrs.asdict()).get("studios")
+    return dict(value) if isinstance(value, dict) else {}
+
+
 def default_colors(n: int) -> tuple[str, ...]:
     """``n`` class colours (``#rrggbb``) from :data:`PALETTE`."""
     return tuple(PALETTE[k % len(PALETTE)] for k in range(n))
@@ -118,7 +124,7 @@ def open_annotations(
             array = group["0"]
         except (KeyError, ValueError, FileNotFoundError) as exc:
             raise InputError(f"{target}: is not an annotations image ({exc}); move it away to start afresh") from None
-        attrs: dict[str, Any] = dict(group.attrs.get("studios", {}))
+        attrs: dict[str, Any] = studios_attrs(group)
         if not isinstance(array, zarr.Array) or tuple(array.shape) != shape:
             raise InputError(f"{target}: annotations have shape {getattr(array, 'shape', '?')} but the scan is "
                              f"{shape}; move the annotations away or open the scan they belong to")

@@ -1,6 +1,7 @@
 """The dock widget: classes, train, live preview, next suggested slice, segment the volume.
 
-The loop: paint a few strokes into the ``annotations`` layer (saved as you paint, see
+The loop: paint a few strokes into the ``annotations`` layer (held in a chunk cache and
+saved half a second after the last dab, only the touched chunks: :mod:`pipeline.napari.cache`,
 :mod:`pipeline.napari.store`), press *Train* (background, progress, loss and validation figures,
 *Cancel*), look at the ``preview`` of the slice on screen (updated when the slice changes or a
 new model is written), press *Next* to jump to the slice the model is least sure about and draw
@@ -16,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import QUrl
+from qtpy.QtCore import QTimer, QUrl
 from qtpy.QtGui import QDesktopServices
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -36,6 +37,7 @@ from qtpy.QtWidgets import (
 
 from pipeline.core.errors import StudiosError
 from pipeline.napari import jobs
+from pipeline.napari.cache import ChunkCache
 from pipeline.napari.classes import ClassTable
 from pipeline.napari.live import LivePreview, PreviewTiming
 from pipeline.napari.reader import label_colormap, labels_layer
@@ -43,6 +45,7 @@ from pipeline.napari.store import AnnotationStore, open_annotations
 
 logger = logging.getLogger(__name__)
 AXES = "zyx"
+AUTOSAVE_MS = 500  # painted chunks are written this long after the last brush dab
 
 
 def model_path_for(scan: str | os.PathLike[str]) -> Path:
@@ -76,6 +79,11 @@ class StudiosWidget(QWidget):
         self._cancel = threading.Event()
         self._workers: dict[str, Any] = {}
         self._next = 0
+        self.cache: ChunkCache | None = None
+        self._autosave = QTimer(self)
+        self._autosave.setSingleShot(True)
+        self._autosave.setInterval(AUTOSAVE_MS)
+        self._autosave.timeout.connect(self.save_annotations)
         self._build()
         for layer in self.viewer.layers if attach_open_scan else ():
             if layer.metadata.get("studios_kind") == "scan":
@@ -167,9 +175,13 @@ class StudiosWidget(QWidget):
             scan_layer = self.viewer.open(str(self.scan), plugin="studios")[0]
         self.annotations_layer = self._layer_by_path(self.store.path)
         if self.annotations_layer is None:
-            data, kwargs, _ = labels_layer(self.store.path)
+            _, kwargs, _ = labels_layer(self.store.path)
             kwargs["name"] = "annotations"
-            self.annotations_layer = self.viewer.add_labels(data, **kwargs)
+            self.cache = ChunkCache(self.store.array)
+            self.annotations_layer = self.viewer.add_labels(self.cache, **kwargs)
+            self.annotations_layer.events.paint.connect(self._painted)
+            self.annotations_layer.events.labels_update.connect(self._painted)
+            self.viewer.layers.events.removing.connect(lambda *_: self.save_annotations())
         self.annotations_layer.colormap = label_colormap(self.store.colors)
         self.annotations_layer.features = {"class": ["unlabelled", *self.store.classes]}
         self.annotations_layer.selected_label = 1
@@ -182,6 +194,18 @@ class StudiosWidget(QWidget):
         self.status.setText(f"scan {self.scan.name} {tuple(image.shape)}; annotations {self.store.path.name}; "
                             f"model {self.model_dir.name}")
         self._load_model()
+
+    def _painted(self, *_: Any) -> None:
+        self._autosave.start()
+
+    def save_annotations(self) -> int:
+        """Write the chunks painted since the last save; returns how many (also runs by itself)."""
+        self._autosave.stop()
+        return self.cache.flush() if self.cache is not None else 0
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
+        self.save_annotations()
+        super().closeEvent(event)
 
     def _layer_by_path(self, path: Path) -> Any:
         for layer in self.viewer.layers:
@@ -231,6 +255,7 @@ class StudiosWidget(QWidget):
             return
         from napari.qt.threading import create_worker
 
+        self.save_annotations()
         self._cancel = threading.Event()
         reporter = jobs.QtReporter(self._cancel)
         reporter.started.connect(lambda stage, total: self.train_progress.setRange(0, max(total, 1)))
@@ -306,6 +331,7 @@ class StudiosWidget(QWidget):
             return
         from napari.qt.threading import create_worker
 
+        self.save_annotations()
         worker = create_worker(jobs.run_suggest, str(self.scan), str(self.model_dir), str(self.store.path),
                                _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self.set_suggestions)
