@@ -110,6 +110,12 @@ def test_loop_in_a_real_viewer(make_napari_viewer: Any, qtbot: Any, scan: Path, 
     (tmp_path / "timing.json").write_text(json.dumps({"stroke_to_preview_s": first_preview,
                                                        "preview": widget.live.last.__dict__}))
 
+    # bf16 preview: computed, every voxel labelled (not compared: autocast differs from fp32)
+    widget.bf16_box.setChecked(True)
+    _wait_preview_tiles = widget.live.last
+    qtbot.waitUntil(lambda: widget.live.last is not _wait_preview_tiles and not widget.live.busy, timeout=120_000)
+    assert preview.data.min() >= 1
+    widget.bf16_box.setChecked(False)
     # the slice changes -> the preview follows; exact mode on
     widget.exact_box.setChecked(True)
     viewer.dims.set_point(0, 40)

@@ -56,6 +56,7 @@ class LivePreview(QObject):
         self.model: LoadedModel | None = None
         self.enabled = True
         self.exact = False
+        self.precision = "fp32"  # "bf16": autocast, faster on CPUs with AMX; not equal to an fp32 run
         self.tile = DEFAULT_TILE
         self.last: PreviewTiming | None = None
         self._worker: Any = None
@@ -124,6 +125,7 @@ class LivePreview(QObject):
         self._pending = False
         worker = create_worker(preview_slice, model.model, self.scan, axis, index, offset=model.offset,
                                scale=model.scale, tile=self.tile, focus=focus, exact=self.exact,
+                               precision="fp32" if self.exact else self.precision,
                                _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_tile)
         worker.finished.connect(self._on_done)
