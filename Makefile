@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(PIP) install -q torch==2.13.0; \
 	fi
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,napari]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -39,6 +39,8 @@ BUILTIN = (
     "pipeline.cli.ingest",
     "pipeline.cli.model",
     "pipeline.cli.train",
+    "pipeline.cli.suggest",
+    "pipeline.cli.annotate",
     "pipeline.cli.segment",
     "pipeline.cli.qc",
     "pipeline.cli.demo",

@@ -5,8 +5,9 @@
     studios train SCAN.zarr ANNOTATIONS MODEL_DIR [options]
     studios train SCAN.zarr MODEL_DIR --slice z:21:z021.png --slice z:64:z064.png [options]
 
-ANNOTATIONS is a label volume of the scan's shape (``.npy``, ``.tif``, ``.zarr``; 0 = unlabelled,
-1..K = classes) or a YAML listing of slice images; ``--slice AXIS:INDEX:FILE`` adds 2D slice
+ANNOTATIONS is a label volume of the scan's shape (``.npy``, ``.tif``, ``.zarr``, napari labels,
+OME-Zarr labels; 0 = unlabelled, 1..K = classes), an ilastik project (``.ilp``) or a YAML listing
+of slice images; ``--slice AXIS:INDEX:FILE`` adds 2D slice
 images (palette or greyscale PNG/TIFF). See :mod:`pipeline.train.annotations`.
 """
 
@@ -36,7 +37,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "train", usage=USAGE, help="train a model from a few annotated slices",
         description="Train a stride-free model on sparse annotations of an ingested scan and write a model "
         "bundle with its training provenance and validation metrics. Annotations: a label volume of the "
-        "scan's shape (.npy, .tif, .zarr; 0 = unlabelled, 1..K = classes), a YAML listing "
+        "scan's shape (.npy, .tif, .zarr, napari labels; 0 = unlabelled, 1..K = classes), an ilastik project "
+        "(.ilp: brush strokes and class names), a YAML listing "
         "('slices: [{axis: z, index: 64, file: a.png}, ...]'), and/or --slice AXIS:INDEX:FILE images.",
     )
     p.add_argument("scan", type=Path, metavar="SCAN", help="an ingested scan (.zarr)")
@@ -128,7 +130,8 @@ def _train(args: argparse.Namespace) -> int:
     annotations = load_annotations(source, image.shape, slices=slices,
                                    classes=len(args.classes) if args.classes else None)
     r = train(
-        args.scan, annotations, model_dir, arch=args.arch or DEFAULT_ARCH, params=params, classes=args.classes,
+        args.scan, annotations, model_dir, arch=args.arch or DEFAULT_ARCH, params=params,
+        classes=args.classes or (list(annotations.names) or None),
         minutes=args.minutes, epochs=args.epochs, seed=args.seed, device=args.device, batch_size=args.batch_size,
         patch=args.patch, val_fraction=args.val_fraction, patience=args.patience, steps_per_epoch=args.steps_per_epoch,
         threads=args.threads, overwrite=args.overwrite, reporter=TrainingBar(unit="step" if args.epochs else "s"),

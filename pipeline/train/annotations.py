@@ -2,9 +2,11 @@
 
 Label convention: 0 = unlabelled, 1..K = classes. Users give annotations in one of three forms:
 
-1. **A label volume of the scan's shape** (``.npy``, ``.tif``/``.tiff`` 3D, a zarr array, or a
-   studios/OME-Zarr image whose level ``0`` is used), mostly 0, with a few labelled slices along
-   any axis, or scribbles. It is read slab by slab; only labelled voxels are kept.
+1. **A label volume of the scan's shape** (``.npy``, ``.tif``/``.tiff`` 3D, a zarr v2/v3 array,
+   a studios/OME-Zarr image whose first level is used, a napari Labels layer saved as zarr or
+   TIFF, an OME-Zarr label group, or an ilastik project ``.ilp`` whose brush strokes and class
+   names are read, see :mod:`pipeline.train.label_formats`), mostly 0, with a few labelled
+   slices along any axis, or scribbles. It is read slab by slab; only labelled voxels are kept.
 2. **2D slice images**, each with its axis and index: palette (indexed) or greyscale PNG/TIFF
    whose pixel values are the class numbers (palette *indices*, not colours). On the command
    line: ``--slice AXIS:INDEX:FILE`` (repeatable), e.g. ``--slice z:64:labels_z64.png``; AXIS is
@@ -26,8 +28,8 @@ exactly those slices and scribbles become few planes.
 Validation (errors are :class:`~pipeline.core.errors.InputError` naming the file and the fix):
 shape mismatch with the scan, slice index out of range, colour images, float labels that are not
 whole numbers, labels outside 1..K (negative, above 255, or above the number of class names
-given), no labelled voxel at all. A class in 1..K without any example is a warning (logged) and
-is recorded in :attr:`Annotations.missing`.
+given), no labelled voxel at all, fewer than two classes labelled. A class in 1..K without any
+example is a warning (logged) and is recorded in :attr:`Annotations.missing`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import numpy as np
 from pipeline.core.errors import ConfigError, InputError
 from pipeline.core.geometry import AXES
 from pipeline.io.sources import TIFF_SUFFIXES
+from pipeline.train.label_formats import ILASTIK_SUFFIXES, open_zarr_labels, read_ilastik, squeeze_leading
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,7 @@ class Annotations:
         n_classes: K; labels are 1..K.
         counts: labelled voxels per class, ``counts[k - 1]`` for class k.
         source: where they came from (for provenance), e.g. a path or ``"z:64:a.png, ..."``.
+        names: class names carried by the annotations (ilastik projects), else ``()``.
     """
 
     shape: tuple[int, int, int]
@@ -95,6 +99,7 @@ class Annotations:
     n_classes: int
     counts: tuple[int, ...]
     source: str
+    names: tuple[str, ...] = ()
 
     @property
     def missing(self) -> tuple[int, ...]:
@@ -113,6 +118,7 @@ class Annotations:
             "counts": list(self.counts),
             "missing_classes": list(self.missing),
             "planes": [f"{AXES[p.axis]}:{p.index}" for p in self.planes],
+            **({"names": list(self.names)} if self.names else {}),
         }
 
 
@@ -206,10 +212,17 @@ def load_annotations(
     specs: list[SliceSpec] = []
     coords: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
     names: list[str] = []
+    class_names: tuple[str, ...] = ()
     if source is not None:
         path = Path(source)
         names.append(str(path))
-        if path.suffix.lower() in YAML_SUFFIXES:
+        if path.suffix.lower() in ILASTIK_SUFFIXES:
+            ilp = read_ilastik(path, shape3)
+            coords.append((ilp.points, ilp.values))
+            class_names = ilp.names
+            if classes is None and class_names:
+                classes = len(class_names)
+        elif path.suffix.lower() in YAML_SUFFIXES:
             if not path.is_file():
                 raise InputError(f"{path}: does not exist; check the path of the annotation listing")
             specs = read_slice_listing(path)
@@ -221,7 +234,7 @@ def load_annotations(
         raise ConfigError("no annotations given; pass a label volume, a YAML slice listing or --slice AXIS:INDEX:FILE")
     for spec in specs:
         coords.append(_slice_voxels(spec, shape3))
-    return _assemble(coords, shape3, classes=classes, source=", ".join(names), files=names)
+    return _assemble(coords, shape3, classes=classes, source=", ".join(names), files=names, names=class_names)
 
 
 def from_array(
@@ -251,7 +264,7 @@ def _open_volume(path: Path) -> Any:
     suffix = path.suffix.lower()
     if suffix == ".npy":
         try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
+            return squeeze_leading(np.load(path, mmap_mode="r", allow_pickle=False))
         except (ValueError, OSError) as exc:
             raise InputError(f"{path}: is not a readable .npy array ({exc}); save it with numpy.save") from None
     if suffix in TIFF_SUFFIXES:
@@ -259,24 +272,18 @@ def _open_volume(path: Path) -> Any:
 
         try:
             try:
-                return tifffile.memmap(path, mode="r")
+                return squeeze_leading(tifffile.memmap(path, mode="r"))
             except ValueError:
-                return tifffile.imread(path)
+                return squeeze_leading(tifffile.imread(path))
         except (OSError, ValueError, tifffile.TiffFileError) as exc:
             raise InputError(f"{path}: is not a readable TIFF ({exc}); re-export the labels") from None
-    if suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zarray").exists():
-        import zarr
-
-        try:
-            node = zarr.open(str(path), mode="r")
-            if isinstance(node, zarr.Group):
-                node = node["0"]
-        except (KeyError, FileNotFoundError, ValueError, TypeError) as exc:
-            raise InputError(f"{path}: is not a zarr array or image ({exc}); check the path") from None
-        return node
+    if suffix == ".zarr" or any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup")):
+        return open_zarr_labels(path)
     if suffix in IMAGE_SUFFIXES:
         raise InputError(f"{path}: a 2D image needs its slice; pass it as --slice AXIS:INDEX:{path}")
-    raise InputError(f"{path}: annotation format not recognised; give .npy, .tif, .zarr, a YAML listing or --slice")
+    raise InputError(
+        f"{path}: annotation format not recognised; give .npy, .tif, .zarr, .ilp, a YAML listing or --slice"
+    )
 
 
 def _array_voxels(array: Any, where: str) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
@@ -407,6 +414,7 @@ def _assemble(
     classes: int | None,
     source: str,
     files: Sequence[str],
+    names: tuple[str, ...] = (),
 ) -> Annotations:
     points = np.concatenate([p for p, _ in parts]) if parts else np.zeros((0, 3), np.int32)
     values = np.concatenate([v for _, v in parts]) if parts else np.zeros(0, np.uint8)
@@ -431,8 +439,14 @@ def _assemble(
                 f"name {top} classes or relabel the annotations as 1..{n_classes}"
             )
     counts = tuple(int(c) for c in np.bincount(values, minlength=n_classes + 1)[1:])
+    present = [k + 1 for k, c in enumerate(counts) if c]
+    if len(present) < 2:
+        raise InputError(
+            f"{where}: only class {present[0]} is labelled; label examples of at least two classes "
+            "(e.g. the material and the background)"
+        )
     planes = _group_planes(points, values, shape)
-    ann = Annotations(shape=shape, planes=planes, n_classes=n_classes, counts=counts, source=source)
+    ann = Annotations(shape=shape, planes=planes, n_classes=n_classes, counts=counts, source=source, names=names)
     for k in ann.missing:
         logger.warning("%s: class %d has no labelled voxel; the model cannot learn it (label some examples)", where, k)
     return ann
