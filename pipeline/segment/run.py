@@ -44,6 +44,7 @@ from pipeline.core.errors import (
 from pipeline.core.progress import NullReporter, Reporter
 from pipeline.core.tiling import grid_shape, plan_blocks
 from pipeline.io.bundle import ModelBundle, load_bundle, save_bundle
+from pipeline.io.labels import mark_segmentation
 from pipeline.io.outputs import OutputLock, check_output, storage_error
 from pipeline.io.store import (
     DEFAULT_CHUNKS,
@@ -382,6 +383,7 @@ def _finish(
         "version": "0.5",
         "multiscales": [multiscales(levels, voxel_size=_voxel_size(group, out), name=out.stem)],
     }
+    mark_segmentation(group, out, bundle.classes)  # image-label metadata, listed in the scan's labels/
     set_studios_attrs(group, run=run)
     set_studios_attrs(group, complete=True)
     return result
