@@ -1,0 +1,135 @@
+"""Fibre orientation from the structure tensor, block by block (torch: CPU or GPU).
+
+For the class mask ``m`` (float, 1 = fibre) the gradient is taken with derivative-of-Gaussian
+filters of ``sigma`` (noise scale), the outer products are smoothed by a Gaussian of ``rho``
+(integration scale), and the fibre direction at a voxel is the eigenvector of the smallest
+eigenvalue of the 3x3 tensor (the direction along which the mask changes least). All filters
+are separable 1D convolutions truncated at ``ceil(4 s)``; they run "valid" on an input that
+is edge-padded (the border rule of :func:`pipeline.io.store.read_padded`), so the block halo
+is ``ceil(4 sigma) + ceil(4 rho)`` and a block's result equals the whole-volume result up to
+float rounding (tests/test_analyse_orientation.py). Implemented in torch (conv1d along each
+axis) so the same code runs on a GPU; float64 by default.
+
+Statistics over the class voxels: the second-order orientation tensor ``A = <p p^T>`` (sums
+of ``p_i p_j``, exact to rounding in any block order), histograms of the polar angle (from the
+z axis, 0-90 degrees) and the azimuth (in the y-x plane from x towards y, 0-180 degrees).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+POLAR_BINS = 18  # 5 degrees
+AZIMUTH_BINS = 36  # 5 degrees
+
+
+def halo_for(sigma: float, rho: float) -> int:
+    """Voxels of context per side the structure tensor needs."""
+    return math.ceil(4 * sigma) + math.ceil(4 * rho)
+
+
+def _kernels(s: float, *, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    r = math.ceil(4 * s)
+    x = torch.arange(-r, r + 1, dtype=dtype, device=device)
+    g = torch.exp(-0.5 * (x / s) ** 2)
+    g = g / g.sum()
+    dg = -x / s**2 * g
+    return g, dg
+
+
+def _conv(t: torch.Tensor, k: torch.Tensor, axis: int) -> torch.Tensor:
+    """'valid' correlation of a (Z, Y, X) tensor with 1D kernel ``k`` along ``axis``."""
+    moved = t.movedim(axis, -1)
+    shape = moved.shape
+    out = torch.nn.functional.conv1d(moved.reshape(-1, 1, shape[-1]), k.flip(0).view(1, 1, -1))
+    return out.reshape(*shape[:-1], out.shape[-1]).movedim(-1, axis)
+
+
+def structure_tensor(mask: np.ndarray, sigma: float, rho: float, *, device: str = "cpu",
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Structure tensor of a padded (Z+2h, Y+2h, X+2h) block, ``h = halo_for(sigma, rho)``.
+
+    Returns:
+        (Z, Y, X, 3, 3) tensor of ``dtype`` for the inner voxels.
+    """
+    dev = torch.device(device)
+    t = torch.as_tensor(np.ascontiguousarray(mask), dtype=dtype, device=dev)
+    g, dg = _kernels(sigma, dtype=dtype, device=dev)
+    grads = []
+    for a in range(3):
+        v = t
+        for b in range(3):
+            v = _conv(v, dg if a == b else g, b)
+        grads.append(v)
+    G, _ = _kernels(rho, dtype=dtype, device=dev)
+    out = torch.empty((*[s - 2 * math.ceil(4 * rho) for s in grads[0].shape], 3, 3), dtype=dtype, device=dev)
+    for a in range(3):
+        for b in range(a, 3):
+            v = grads[a] * grads[b]
+            for c in range(3):
+                v = _conv(v, G, c)
+            out[..., a, b] = v
+            out[..., b, a] = v
+    return out
+
+
+def directions(tensor: torch.Tensor) -> torch.Tensor:
+    """Unit fibre directions (Z, Y, X, 3) float, sign chosen so that ``p_z >= 0``."""
+    _, vecs = torch.linalg.eigh(tensor)
+    p = vecs[..., :, 0]
+    return p * torch.where(p[..., :1] < 0, -1.0, 1.0).to(p.dtype)
+
+
+@dataclass
+class OrientationStats:
+    """Running sums over class voxels (merge blocks in any order)."""
+
+    voxels: int = 0
+    outer: Any = None  # (3, 3) float64 sum of p p^T
+    polar: Any = None  # (POLAR_BINS,) int64
+    azimuth: Any = None  # (AZIMUTH_BINS,) int64
+
+    def add(self, p: np.ndarray) -> None:
+        """``p``: (N, 3) unit directions (z, y, x) of class voxels."""
+        p = np.asarray(p, dtype=np.float64)
+        outer = p.T @ p
+        polar = np.degrees(np.arccos(np.clip(np.abs(p[:, 0]), 0.0, 1.0)))
+        azimuth = np.degrees(np.arctan2(p[:, 1], p[:, 2])) % 180.0
+        hp = np.histogram(polar, bins=POLAR_BINS, range=(0, 90))[0]
+        ha = np.histogram(azimuth, bins=AZIMUTH_BINS, range=(0, 180))[0]
+        self.voxels += len(p)
+        self.outer = outer if self.outer is None else self.outer + outer
+        self.polar = hp if self.polar is None else self.polar + hp
+        self.azimuth = ha if self.azimuth is None else self.azimuth + ha
+
+    def merge(self, other: OrientationStats) -> None:
+        if other.voxels:
+            self.voxels += other.voxels
+            self.outer = other.outer if self.outer is None else self.outer + other.outer
+            self.polar = other.polar if self.polar is None else self.polar + other.polar
+            self.azimuth = other.azimuth if self.azimuth is None else self.azimuth + other.azimuth
+
+    def to_json(self) -> dict[str, Any]:
+        """``tensor`` A (3x3, z/y/x), its eigenvalues (descending) and main direction, histograms."""
+        if not self.voxels:
+            return {"voxels": 0, "tensor": None, "eigenvalues": None, "main_direction": None,
+                    "polar": None, "azimuth": None}
+        a = self.outer / self.voxels
+        w, v = np.linalg.eigh(a)
+        main = v[:, -1] * (1 if v[0, -1] >= 0 else -1)
+        return {
+            "voxels": int(self.voxels),
+            "tensor": np.round(a, 6).tolist(),
+            "eigenvalues": np.round(w[::-1], 6).tolist(),
+            "main_direction": np.round(main, 6).tolist(),
+            "polar": {"edges_deg": np.linspace(0, 90, POLAR_BINS + 1).tolist(), "counts": self.polar.tolist()},
+            "azimuth": {"edges_deg": np.linspace(0, 180, AZIMUTH_BINS + 1).tolist(), "counts": self.azimuth.tolist()},
+        }
+
+
+__all__ = ["AZIMUTH_BINS", "POLAR_BINS", "OrientationStats", "directions", "halo_for", "structure_tensor"]
