@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline import __version__
 from pipeline.analyse import objects as obj
@@ -210,10 +211,13 @@ def _orientation(image: Any, blocks: Sequence[Block], k: int, names: Sequence[st
         inner = padded[tuple(slice(h, h + s) for s in b.write.shape)] == k
         if not inner.any():
             continue
-        p = ori.directions(ori.structure_tensor(padded == k, sigma, rho, device=device)).cpu().numpy()
-        stats.add(p[inner])
+        tensor = ori.structure_tensor(padded == k, sigma, rho, device=device)
+        p = ori.directions(tensor[torch.as_tensor(inner, device=tensor.device)]).cpu().numpy()  # (N, 3)
+        stats.add(p)
         if field is not None:
-            field[(slice(None), *b.write.to_slices())] = np.where(inner, np.moveaxis(p, -1, 0), 0).astype(np.float32)
+            vec = np.zeros((3, *b.write.shape), dtype=np.float32)
+            vec[:, inner] = p.T
+            field[(slice(None), *b.write.to_slices())] = vec
     return {"class": names[k - 1], "label": k, "sigma": sigma, "rho": rho, "halo": h, "method": "torch",
             "field": "orientation.zarr" if field is not None else None, **stats.to_json()}
 
