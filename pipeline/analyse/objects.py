@@ -23,7 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage
@@ -56,7 +56,7 @@ class ObjectsJob:
     bases: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()  # block index -> base per label
 
 
-def _open(path: str, *, mode: str = "r") -> Any:
+def _open(path: str, *, mode: Literal["r", "r+"] = "r") -> Any:
     """Level 0 of the OME-Zarr group at ``path``."""
     import zarr
 

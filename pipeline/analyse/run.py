@@ -68,7 +68,8 @@ def _resolve(spec: str | int | None, classes: Sequence[str], names: Sequence[str
             return k
     elif spec in classes:
         return list(classes).index(spec) + 1
-    raise InputError(f"{seg}: has no class {spec!r} for {what}; choose one of {', '.join(classes)} (or 1..{len(classes)})")
+    raise InputError(f"{seg}: has no class {spec!r} for {what}; "
+                     f"choose one of {', '.join(classes)} (or 1..{len(classes)})")
 
 
 def analyse(
@@ -117,7 +118,9 @@ def analyse(
         shutil.rmtree(out)
     fibre_k = _resolve(fibre, names, FIBRE_NAMES, "orientation", seg)
     pore_k = _resolve(pore, names, PORE_NAMES, "porosity", seg)
-    chosen = [_resolve(c, names, (), "objects", seg) for c in classes] if classes is not None else None
+    chosen: list[int] | None = None
+    if classes is not None:
+        chosen = [k for k in (_resolve(c, names, (), "objects", seg) for c in classes) if k is not None]
     shape = image.shape
     chunks = tuple(int(c) for c in image.array.chunks)
     edge = (block,) * 3 if isinstance(block, int) else tuple(block) if block is not None else tuple(
@@ -140,7 +143,7 @@ def analyse(
     if chosen is None:
         by_size = sorted(range(1, len(names) + 1), key=lambda k: -data["phases"]["classes"][names[k - 1]]["voxels"])
         chosen = sorted(by_size[1:])
-    labels = {int(k): names[int(k) - 1] for k in chosen if k is not None}
+    labels = {k: names[k - 1] for k in chosen}
 
     t = time.perf_counter()
     found = obj.find_objects(seg, shape, blocks, labels, voxel_size=vs, executor=executor, reporter=reporter)
@@ -151,7 +154,7 @@ def analyse(
     scan = _scan(image.attrs)
     group.attrs["ome"] = {"version": "0.5", "multiscales": [multiscales(1, voxel_size=vs, name="objects")],
                           "image-label": {"source": {"image": relative_source(out / "objects.zarr", scan or seg)}}}
-    group.attrs["studios"] = {"kind": "objects", "classes": labels, "complete": True}
+    group.attrs["studios"] = {"kind": "objects", "classes": {str(k): v for k, v in labels.items()}, "complete": True}
     if scan is not None:
         list_in_scan(scan, out / "objects.zarr")
     table_path = obj.write_table(found.table, out / "objects")

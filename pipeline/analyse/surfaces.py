@@ -98,9 +98,11 @@ def block_field(seg: Any, block: Block, shape: tuple[int, ...], label: int, sigm
     return field, box
 
 
-def block_mesh(seg: Any, block: Block, shape: tuple[int, ...], label: int, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Triangles of one block: (vertices (V, 4) float64 ``z, y, x`` global voxel coordinates
-    plus the vertex's edge key, see below; faces (F, 3) int64).
+def block_mesh(
+    seg: Any, block: Block, shape: tuple[int, ...], label: int, sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Triangles of one block: (vertices (V, 7) float64: the edge key ``pz, py, px, axis`` then
+    the global voxel position ``z, y, x``; faces (F, 3) int64).
 
     A vertex lies on the cube edge from voxel ``p`` to ``p + e_a``; its key is ``(p, a)`` and
     its position ``p + t e_a`` with ``t = (0.5 - G(p)) / (G(p + e_a) - G(p))`` recomputed here in
@@ -109,7 +111,7 @@ def block_mesh(seg: Any, block: Block, shape: tuple[int, ...], label: int, sigma
     """
     field, box = block_field(seg, block, shape, label, sigma)
     if min(field.shape) < 2 or field.max() <= 0.5 or field.min() >= 0.5:
-        return np.zeros((0, 5), dtype=np.float64), np.zeros((0, 3), dtype=np.int64)
+        return np.zeros((0, 7), dtype=np.float64), np.zeros((0, 3), dtype=np.int64)
     verts, faces, _, _ = marching_cubes(field, level=0.5, allow_degenerate=False, method="lewiner")
     verts = verts.astype(np.float64)
     frac = np.abs(verts - np.rint(verts))

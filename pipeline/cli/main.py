@@ -218,7 +218,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-PLUGINS = ("pipeline.cli.train", "pipeline.cli.qc", "flows.cli")  # flows.cli imports Prefect; pipeline/ never does
+PLUGINS = ("pipeline.cli.train", "pipeline.cli.qc", "pipeline.cli.analyse", "flows.cli")  # flows.cli imports Prefect; pipeline/ never does
 
 
 def build_parser() -> argparse.ArgumentParser:
