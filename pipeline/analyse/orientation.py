@@ -7,8 +7,9 @@ eigenvalue of the 3x3 tensor (the direction along which the mask changes least).
 are separable 1D convolutions truncated at ``ceil(4 s)``; they run "valid" on an input that
 is edge-padded (the border rule of :func:`pipeline.io.store.read_padded`), so the block halo
 is ``ceil(4 sigma) + ceil(4 rho)`` and a block's result equals the whole-volume result up to
-float rounding (tests/test_analyse_orientation.py). Implemented in torch (conv1d along each
-axis) so the same code runs on a GPU; float64 by default.
+float rounding (tests/test_analyse_orientation.py). A torch implementation (sums of shifted
+slices) runs on GPUs; on the CPU the same filters run with scipy (faster there); float64 by
+default. (Not the ``structure-tensor`` package: it has no halo-exact block mode and no torch path.)
 
 Statistics over the class voxels: the second-order orientation tensor ``A = <p p^T>`` (sums
 of ``p_i p_j``, exact to rounding in any block order), histograms of the polar angle (from the
@@ -58,14 +59,50 @@ def _conv(t: torch.Tensor, k: torch.Tensor, axis: int) -> torch.Tensor:
     return out
 
 
+def _structure_tensor_scipy(mask: np.ndarray, sigma: float, rho: float) -> torch.Tensor:
+    """The CPU path: the same separable filters with ``scipy.ndimage.convolve1d`` (float64; a
+    fixed summation order per output voxel), cropped to the valid part."""
+    from scipy import ndimage
+
+    g, dg = (k.numpy() for k in _kernels(sigma, dtype=torch.float64, device=torch.device("cpu")))
+    G = _kernels(rho, dtype=torch.float64, device=torch.device("cpu"))[0].numpy()
+
+    def conv(a: np.ndarray, k: np.ndarray, axis: int) -> np.ndarray:
+        r = len(k) // 2
+        out = ndimage.convolve1d(a, k, axis=axis, mode="nearest")
+        return out[tuple(slice(r, out.shape[b] - r) if b == axis else slice(None) for b in range(3))]
+
+    t = np.ascontiguousarray(mask, dtype=np.float64)
+    grads = []
+    for a in range(3):
+        v = t
+        for b in range(3):
+            v = conv(v, dg if a == b else g, b)
+        grads.append(v)
+    out = np.empty((*[s - 2 * (len(G) // 2) for s in grads[0].shape], 3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            v = grads[a] * grads[b]
+            for c in range(3):
+                v = conv(v, G, c)
+            out[..., a, b] = out[..., b, a] = v
+    return torch.from_numpy(out)
+
+
 def structure_tensor(mask: np.ndarray, sigma: float, rho: float, *, device: str = "cpu",
                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Structure tensor of a padded (Z+2h, Y+2h, X+2h) block, ``h = halo_for(sigma, rho)``.
 
+    ``device="cpu"`` (float64) runs the filters with scipy (several times faster than torch
+    on CPUs); any other device (``cuda``, ``cuda:N``, ``torch-cpu`` for torch on the CPU) runs
+    them in torch. Both give the same values to float rounding (tested).
+
     Returns:
         (Z, Y, X, 3, 3) tensor of ``dtype`` for the inner voxels.
     """
-    dev = torch.device(device)
+    if device == "cpu" and dtype == torch.float64:
+        return _structure_tensor_scipy(mask, sigma, rho)
+    dev = torch.device("cpu" if device == "torch-cpu" else device)
     t = torch.as_tensor(np.ascontiguousarray(mask), dtype=dtype, device=dev)
     g, dg = _kernels(sigma, dtype=dtype, device=dev)
     grads = []
@@ -88,7 +125,10 @@ def structure_tensor(mask: np.ndarray, sigma: float, rho: float, *, device: str 
 
 def directions(tensor: torch.Tensor) -> torch.Tensor:
     """Unit fibre directions (..., 3) of (..., 3, 3) tensors, sign chosen so that ``p_z >= 0``."""
-    _, vecs = torch.linalg.eigh(tensor)
+    if tensor.device.type == "cpu":  # numpy's batched 3x3 eigh is faster than torch's on CPUs
+        vecs = torch.from_numpy(np.linalg.eigh(tensor.numpy())[1])
+    else:
+        vecs = torch.linalg.eigh(tensor)[1]
     p = vecs[..., :, 0]
     return p * torch.where(p[..., :1] < 0, -1.0, 1.0).to(p.dtype)
 
