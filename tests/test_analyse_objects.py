@@ -86,3 +86,7 @@ def test_analysis_json_and_errors(result, tmp_path):
     with pytest.raises(InputError, match="no class 'glass'"):
         analyse(res.json_path.parent.with_name("held_out.zarr"), tmp_path / "x", fibre="glass")
     assert not (tmp_path / "x").exists()
+    seg = res.json_path.parent.with_name("held_out.zarr")
+    with pytest.raises(InputError, match="overlap"):
+        analyse(seg, seg.parent, overwrite=True)
+    assert (seg / "zarr.json").exists()

@@ -112,6 +112,9 @@ def analyse(
     if not names:
         raise InputError(f"{seg}: records no class names; rewrite it with 'studios segment'")
     out = Path(out) if out is not None else seg.with_name(seg.stem + ".analysis")
+    o, s_ = out.resolve(), seg.resolve()
+    if o == s_ or s_ in o.parents or o in s_.parents:
+        raise InputError(f"{out}: would overlap the segmentation {seg}; choose another --out")
     if out.exists():
         if not overwrite:
             raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it or choose another --out")
