@@ -90,3 +90,15 @@ def test_analysis_json_and_errors(result, tmp_path):
     with pytest.raises(InputError, match="overlap"):
         analyse(seg, seg.parent, overwrite=True)
     assert (seg / "zarr.json").exists()
+
+
+def test_blocks_without_a_class_and_classes_without_voxels(tmp_path):
+    lab = np.ones((20, 20, 20), np.uint8)
+    lab[2:5, 3:18, 4:6] = 2  # fibre only in the first blocks along z; no pore at all
+    seg = make_seg(tmp_path / "s.zarr", lab, ("matrix", "fibre", "pore"), chunks=8)
+    res = analyse(seg, classes=["fibre", "pore"], block=8, max_radius=2)
+    assert res.data["objects"]["classes"]["fibre"]["count"] == 1
+    assert res.data["objects"]["classes"]["pore"]["count"] == 0
+    assert res.data["surfaces"]["classes"]["pore"]["faces"] == 0
+    ids = zarr.open_group(str(res.out / "objects.zarr"), mode="r")["0"][...]
+    np.testing.assert_array_equal(ids, (lab == 2).astype(np.uint32))

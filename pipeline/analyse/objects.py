@@ -71,7 +71,7 @@ def piece_moments(lab: np.ndarray, n: int) -> dict[str, np.ndarray]:
     ids = lab.reshape(-1)[idx] - 1
     coords = np.unravel_index(idx, lab.shape)
     count = np.bincount(ids, minlength=n).astype(np.int64)
-    s1 = np.stack([np.bincount(ids, weights=c, minlength=n) for c in coords], axis=1)
+    s1 = np.stack([np.bincount(ids, weights=c, minlength=n) for c in coords], axis=1).astype(np.float64)
     mean = s1 / np.maximum(count, 1)[:, None]
     m2 = np.zeros((n, 3, 3))
     d = [c - mean[ids, a] for a, c in enumerate(coords)]
