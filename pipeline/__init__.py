@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "predict_volume": "pipeline.segment.predict",
     "run_qc": "pipeline.qc.run",
     "QCResult": "pipeline.qc.run",
+    "analyse": "pipeline.analyse.run",
+    "AnalysisResult": "pipeline.analyse.run",
     "ClusterSpec": "pipeline.compute.cluster",
     "SerialExecutor": "pipeline.compute.executors",
     "ModelBundle": "pipeline.io.bundle",
@@ -45,6 +47,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "__version__",
+    "AnalysisResult",
     "Block",
     "Box",
     "ClusterSpec",
@@ -55,6 +58,7 @@ __all__ = [
     "SerialExecutor",
     "StudiosError",
     "TrainResult",
+    "analyse",
     "ingest",
     "ingest_array",
     "init_bundle",
@@ -70,6 +74,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from pipeline.analyse.run import AnalysisResult, analyse
     from pipeline.compute.cluster import ClusterSpec
     from pipeline.compute.executors import SerialExecutor
     from pipeline.core.errors import StudiosError

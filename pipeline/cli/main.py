@@ -43,6 +43,7 @@ BUILTIN = (
     "pipeline.cli.annotate",
     "pipeline.cli.segment",
     "pipeline.cli.qc",
+    "pipeline.cli.analyse",
     "pipeline.cli.demo",
 )
 #: The entry-point group other packages register subcommand modules in.

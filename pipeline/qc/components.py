@@ -34,14 +34,24 @@ class BlockComponents:
     def add(self, block: Block, mask: np.ndarray) -> None:
         """Label ``mask`` (the block's write box, bool) and join its pieces to earlier blocks."""
         lab, n = ndimage.label(mask)
+        sizes = np.bincount(lab.reshape(-1), minlength=n + 1)[1:].astype(np.int64)
+        self.add_faces(block, n, sizes, block_faces(lab))
+
+    def add_faces(
+        self, block: Block, n: int, sizes: np.ndarray, faces: list[tuple[np.ndarray, np.ndarray]]
+    ) -> int:
+        """Join a block labelled elsewhere (``n`` pieces 1..n, their voxel ``sizes``, and its
+        ``(low, high)`` label faces per axis, see :func:`block_faces`); blocks come in C order.
+
+        Returns the block's base: piece ``j`` of this block is piece ``base + j - 1`` overall.
+        """
         base = self.next_id
         self.next_id += n
         if n:
-            self.sizes.append(np.bincount(lab.reshape(-1), minlength=n + 1)[1:].astype(np.int64))
+            self.sizes.append(np.asarray(sizes, dtype=np.int64))
             flags = np.zeros(n + 1, dtype=bool)
         for axis in range(3):
-            lo = np.take(lab, 0, axis=axis)
-            hi = np.take(lab, -1, axis=axis)
+            lo, hi = faces[axis]
             prev_index = tuple(i - (a == axis) for a, i in enumerate(block.index))
             prev = self.faces.pop((axis, prev_index), None)
             if n and prev is not None:
@@ -59,6 +69,18 @@ class BlockComponents:
                 self.faces[(axis, tuple(block.index))] = np.where(hi > 0, hi.astype(np.int64) + (base - 1), -1)
         if n:
             self.border.append(flags[1:])
+        return base
+
+    def merge(self) -> tuple[int, np.ndarray]:
+        """(number of components, component index of every piece) after all blocks were added."""
+        if not self.edges:
+            return self.next_id, np.arange(self.next_id)
+        pairs = np.concatenate(self.edges)
+        graph = sparse.coo_matrix(
+            (np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(self.next_id, self.next_id)
+        )
+        n, comp = csgraph.connected_components(graph, directed=False)
+        return int(n), comp
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """(volumes, touches_border) of the merged components."""
@@ -68,14 +90,15 @@ class BlockComponents:
         border = np.concatenate(self.border)
         if not self.edges:
             return sizes, border
-        pairs = np.concatenate(self.edges)
-        graph = sparse.coo_matrix(
-            (np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(self.next_id, self.next_id)
-        )
-        n, comp = csgraph.connected_components(graph, directed=False)
+        n, comp = self.merge()
         volumes = np.bincount(comp, weights=sizes, minlength=n).astype(np.int64)
         touches = np.bincount(comp, weights=border, minlength=n) > 0
         return volumes, touches
+
+
+def block_faces(lab: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(first, last)`` planes of a (Z, Y, X) label block along each axis (views)."""
+    return [(np.take(lab, 0, axis=a), np.take(lab, -1, axis=a)) for a in range(3)]
 
 
 def component_stats(label: int, volumes: np.ndarray, touches: np.ndarray, class_voxels: int) -> dict[str, Any]:
@@ -99,4 +122,4 @@ def component_stats(label: int, volumes: np.ndarray, touches: np.ndarray, class_
     return stats
 
 
-__all__ = ["BlockComponents", "component_stats"]
+__all__ = ["BlockComponents", "block_faces", "component_stats"]

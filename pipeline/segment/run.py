@@ -41,6 +41,7 @@ from pipeline.core.errors import (
 )
 from pipeline.core.progress import NullReporter, Reporter
 from pipeline.io.bundle import ModelBundle, load_bundle
+from pipeline.io.labels import mark_segmentation
 from pipeline.io.outputs import OutputLock, storage_error
 from pipeline.io.store import (
     Image,
@@ -343,6 +344,7 @@ def _finish(
         "version": "0.5",
         "multiscales": [multiscales(levels, voxel_size=_voxel_size(group, out), name=out.stem)],
     }
+    mark_segmentation(group, out, bundle.classes)  # image-label metadata, listed in the scan's labels/
     set_studios_attrs(group, run=run)
     set_studios_attrs(group, complete=True)
     return result
