@@ -17,8 +17,8 @@ inside a phase, not on its edge). The same sampler and seed serve all strategies
 
 Usage::
 
-    python bench/active_learning.py                      # 96^3 phantom, 4 rounds, 1 seed
-    python bench/active_learning.py --seeds 0 1 --epochs 4
+    python bench/active_learning.py                      # 96^3 phantom, 4 rounds, seeds 0 and 1
+    python bench/active_learning.py --seeds 0 --epochs 3 --steps 10
     python bench/active_learning.py --quick              # smoke test (seconds)
 """
 
@@ -187,17 +187,17 @@ def rounds_to(results: list[dict[str, Any]], target: float) -> dict[str, int | N
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, nargs=3, default=(96, 96, 96))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--arch", default="filterbank_mlp")
     p.add_argument("--params", default='{"hidden": 16, "layers": 1}')
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10, help="optimiser steps per epoch")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20, help="optimiser steps per epoch")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (short budgets need a large one)")
     p.add_argument("--patch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--candidates", type=int, default=12, help="candidate slices per axis for suggest")
+    p.add_argument("--candidates", type=int, default=8, help="candidate slices per axis for suggest")
     p.add_argument("--strokes", type=int, default=4, help="strokes per class and slice")
     p.add_argument("--stroke-length", type=int, default=24)
     p.add_argument("--full", action="store_true", help="label suggested slices fully instead of scribbling")
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.shape, args.rounds, args.epochs, args.steps, args.patch, args.candidates = (24, 32, 32), 2, 1, 2, 16, 3
+        args.seeds = args.seeds[:1]
         args.params = '{"sigmas": [0.7, 1.6], "hidden": 4, "layers": 1}'
     print(machine_facts({"phantom": "x".join(map(str, args.shape)), "training": f"{args.arch} {args.params}, "
                          f"{args.epochs} x {args.steps} steps, batch {args.batch}, patch {args.patch}",
