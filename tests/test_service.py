@@ -207,7 +207,7 @@ def test_parameters_and_plan(tmp_path: Path) -> None:
     plan = proc.plan_run(cfg)
     assert plan.name == "cement_128x128x128" and plan.segmentation == tmp_path / "o" / "seg.zarr"
     assert set(plan.outputs()) == {"scan", "model", "segmentation"}  # no QC outputs when QC is off
-    assert proc.train_options("a.json", epochs=3, arch=None).train == TrainOpts(Path("a.json"), epochs=3)
+    assert proc.train_options("a.json", epochs=3, arch=None).train == TrainOpts(annotations=Path("a.json"), epochs=3)
     assert not proc.retryable(InputError("x")) and not proc.retryable(OutputExistsError("x"))
     assert proc.retryable(StorageError("disk")) and proc.retryable(RuntimeError("cluster lost"))
 
@@ -230,7 +230,7 @@ def test_model_source_decisions(tmp_path: Path) -> None:
     with pytest.raises(ModelError):
         proc.prepare_model(tmp_path / "scan.zarr", ModelOptions(bundle=tmp_path / "none"), tmp_path / "x")
     # a trained model already in the folder is reused: no training (the annotations do not even exist)
-    train = ModelOptions(train=TrainOpts(tmp_path / "no-annotations.json"))
+    train = ModelOptions(train=TrainOpts(annotations=tmp_path / "no-annotations.json"))
     assert proc.prepare_model(tmp_path / "scan.zarr", train, tmp_path / "model")["reused"] is True
 
 

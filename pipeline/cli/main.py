@@ -40,6 +40,7 @@ BUILTIN = (
     "pipeline.cli.model",
     "pipeline.cli.train",
     "pipeline.cli.suggest",
+    "pipeline.cli.propose",
     "pipeline.cli.annotate",
     "pipeline.cli.segment",
     "pipeline.cli.qc",

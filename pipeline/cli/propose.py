@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli.main import add_cluster_options, cluster_from_args, command
+from pipeline.cli.main import command
+from pipeline.cli.options import add_cluster_options, cluster_from_args
 
 
 @command("propose")
