@@ -100,7 +100,8 @@ def _model_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     msub = p.add_subparsers(dest="model_command", required=True, metavar="{init,info,list}")
     i = msub.add_parser("init", help="create a bundle with seeded random weights")
     i.add_argument("output", type=Path, help="bundle folder to create")
-    i.add_argument("--classes", nargs="+", default=["background", "foreground"], help="class names (label 1..K)")
+    i.add_argument("--classes", nargs="+", default=["background", "foreground"],
+                   help="class names for labels 1..K (at least two), or a count N >= 2 for class_1..class_N")
     i.add_argument("--arch", default=None, help="architecture (see 'studios model list')")
     i.add_argument("--params", default="{}", help='architecture parameters as JSON, e.g. \'{"channels": 8}\'')
     i.add_argument("--seed", type=int, default=0)
@@ -121,10 +122,26 @@ def _model_init(args: argparse.Namespace) -> int:
         params = json.loads(args.params)
     except ValueError as exc:
         raise ConfigError(f"--params is not valid JSON ({exc}); e.g. '{{\"channels\": 8}}'") from None
-    bundle = init_bundle(classes=args.classes, arch=args.arch or DEFAULT_ARCH, params=params, seed=args.seed)
+    bundle = init_bundle(classes=class_names(args.classes), arch=args.arch or DEFAULT_ARCH, params=params,
+                         seed=args.seed)
     save_bundle(bundle, args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}: {bundle.arch}, halo {bundle.halo}, classes {', '.join(bundle.classes)}")
     return 0
+
+
+def class_names(given: Sequence[str]) -> tuple[str, ...]:
+    """``--classes``: names (two or more), or one count N >= 2 meaning class_1..class_N."""
+    if len(given) == 1 and given[0].strip().isdigit():
+        n = int(given[0])
+        if n < 2:
+            raise ConfigError(f"--classes {n}: a segmentation model needs at least two classes; e.g. --classes 2")
+        return tuple(f"class_{k}" for k in range(1, n + 1))
+    if len(given) < 2:
+        raise ConfigError(
+            f"--classes {' '.join(given)}: one class given; --classes takes two or more names (label 1..K), "
+            "e.g. --classes background fibre, or a count, e.g. --classes 3"
+        )
+    return tuple(given)
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -263,8 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:
         for noisy in ("distributed", "prefect", "httpx", "dask_jobqueue"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipeline.core import interrupt
+
     try:
-        return int(args.handler(args))
+        with interrupt.handling():  # SIGTERM / SIGINT: finish running work, record it, exit 143 / 130
+            return int(args.handler(args))
+    except interrupt.Interrupted as exc:
+        print(f"studios: {exc}", file=sys.stderr)
+        return exc.exit_code
     except StudiosError as exc:
         if args.debug:
             raise
@@ -272,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("studios: interrupted", file=sys.stderr)
-        return 130
+        return interrupt.exit_code(130)
     except Exception as exc:
         if args.debug:
             raise

@@ -41,6 +41,7 @@ from pipeline.core.errors import (
     OutputExistsError,
     StudiosError,
 )
+from pipeline.core.interrupt import RESUME_HINT, Interrupted
 from pipeline.core.progress import NullReporter, Reporter
 from pipeline.core.tiling import grid_shape, plan_blocks
 from pipeline.io.bundle import ModelBundle, load_bundle, save_bundle
@@ -201,6 +202,8 @@ def segment(
         "precision": precision,
     }
 
+    # before the lock file is made beside it: never inside the scan or another zarr store
+    check_output(out, inputs=[Path(scan), *([Path(mask)] if mask is not None else [])], overwrite=True)
     try:
         with OutputLock(out, take_over=take_over_lock):
             group, resumed = _prepare_output(out, manifest, overwrite=overwrite, inputs=[Path(scan)])
@@ -243,6 +246,10 @@ def segment(
         raise
     except OSError as exc:
         raise storage_error(out, exc) from None
+    if outcome.interrupted is not None and result.blocks_done < result.blocks_total:
+        raise Interrupted(
+            f"interrupted: {result.blocks_done}/{result.blocks_total} blocks done; {RESUME_HINT}", outcome.interrupted
+        )
     if outcome.failed:
         log = _write_failure_log(out, outcome)
         if outcome.fatal:

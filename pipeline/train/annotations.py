@@ -420,6 +420,12 @@ def _assemble(
         _, last = np.unique(np.asarray(flat)[::-1], return_index=True)
         keep = np.sort(len(flat) - 1 - last)
         points, values = points[keep], values[keep]
+    present = np.unique(values)
+    if len(present) < 2:
+        raise InputError(
+            f"{where}: every labelled voxel is class {int(present[0])}; a segmentation model needs examples of at "
+            "least two classes: label some background (or another class) too"
+        )
     top = int(values.max())
     if classes is None:
         n_classes = top
