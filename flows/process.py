@@ -36,6 +36,7 @@ from pipeline.core.errors import (
     ModelError,
     OutputExistsError,
 )
+from pipeline.core.interrupt import Interrupted
 from pipeline.core.runconfig import (
     ClusterOptions,
     IngestOptions,
@@ -49,7 +50,7 @@ from pipeline.core.runconfig import (
 
 logger = logging.getLogger(__name__)
 
-NOT_RETRYABLE = (ConfigError, InputError, ModelError, OutputExistsError, LedgerMismatchError, LockError)
+NOT_RETRYABLE = (ConfigError, InputError, ModelError, OutputExistsError, LedgerMismatchError, LockError, Interrupted)
 RETRY_DELAY_SECONDS = 10
 
 

@@ -43,6 +43,7 @@ from typing import Any
 from prefect import flow
 
 from flows.runstate import RunStatus, atomic_write_json, now_iso, read_json
+from pipeline.core import interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -390,8 +391,12 @@ def watch_folder(
         logger.info("watch %s: %d scans seen, %d to process now, %d waiting",
                     inc, len(candidates), len(claimed), len(waiting))
         results: dict[str, dict[str, Any]] = {}
-        for c in claimed:
-            results[c.name] = _process_one(state, c, root, config, sections, process_scan)
+        with interrupt.handling():  # SIGTERM / SIGINT: the running scan stops cleanly, the rest wait
+            for c in claimed:
+                if interrupt.requested() is not None:
+                    _unclaim(state, c, "the watcher was stopped before it started this scan")
+                    continue
+                results[c.name] = _process_one(state, c, root, config, sections, process_scan)
         rows = ["| scan | outcome | detail |", "| --- | --- | --- |"]
         rows += [f"| {md(n)} | {md(r['state'])} | {md(r.get('error') or r.get('output', ''))} |"
                  for n, r in results.items()]
@@ -400,7 +405,16 @@ def watch_folder(
             f"# watch {md(inc)}", "", f"{len(results)} processed now, {len(waiting)} waiting, "
             f"{sum(r['state'] == 'failed' for r in results.values())} failed", "", *rows, ""]),
             f"look at {inc}")
+        interrupt.check(f"watch {inc} stopped; {sum(r['state'] == 'done' for r in results.values())} scan(s) "
+                        "done, the interrupted one resumes at the next firing")
         return {"incoming": str(inc), "output_root": str(root), "processed": results, "waiting": waiting}
+
+
+def _unclaim(state: WatchState, c: Candidate, why: str) -> None:
+    """Leave ``c`` for the next firing: state ``interrupted`` (processed again, resuming), claim released."""
+    with state.edit() as data:
+        data["scans"][c.name].update(state="interrupted", error=why, finished=now_iso())
+    state.release(c.name)
 
 
 def _process_one(
@@ -418,6 +432,11 @@ def _process_one(
         error = None if ok else _state_error(run_state)
     except Exception as exc:  # the subflow could not even start
         ok, error = False, f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if not ok and interrupt.requested() is not None:  # stopped by a signal, not failed: resume next firing
+        _unclaim(state, c, error or "interrupted")
+        RunStatus(out, name=c.name).update(state="interrupted", error=error, finished=now_iso())
+        logger.warning("watch: %s interrupted (%s); the next firing resumes it", c.name, error)
+        return {"state": "interrupted", "output": str(out), "error": error}
     outcome = {"state": "done" if ok else "failed", "output": str(out), "finished": now_iso(),
                "seconds": round(time.perf_counter() - t0, 2), "error": error}
     with state.edit() as data:

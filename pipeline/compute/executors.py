@@ -249,17 +249,23 @@ class DaskExecutor:
                 )
 
 
+class WorkerDiedError(RuntimeError):
+    """A block's worker process died every time it ran the block (killed: out of memory, most often)."""
+
+
 def _explain_worker_death(block: Block, exc: BaseException, retries: int) -> BaseException:
     """A block whose worker process died on every attempt (e.g. killed by the kernel when out of
     memory): say so, with the fix, instead of Dask's bare ``KilledWorker``."""
+    import dask
     from distributed.scheduler import KilledWorker
 
     if not isinstance(exc, KilledWorker):
         return exc
-    return RuntimeError(
-        f"block {block.id}: its worker process died each time it ran it ({retries + 1} attempts; killed, e.g. "
-        "by the kernel when out of memory); use a smaller --block or fewer --threads-per-worker, or give the "
-        "workers more memory"
+    attempts = int(dask.config.get("distributed.scheduler.allowed-failures", 3)) + 1
+    return WorkerDiedError(
+        f"block {block.id}: its worker process died each time it ran it ({attempts} attempts; killed, e.g. by the "
+        "kernel when out of memory); use a smaller --block or fewer --threads-per-worker, or give the workers "
+        "more memory"
     )
 
 

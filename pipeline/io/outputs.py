@@ -156,9 +156,8 @@ class OutputLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
             except FileExistsError:
-                if self._take_over_existing():
-                    continue
-                raise AssertionError("unreachable")  # pragma: no cover - _take_over_existing raises
+                self._take_over_existing()  # raises unless the holder is gone (or just released it)
+                continue
             except OSError as exc:
                 raise storage_error(self.path, exc) from None
             try:
@@ -174,26 +173,26 @@ class OutputLock:
             return
         raise LockError(f"{self.out}: could not take the lock {self.path} (other runs keep taking it); retry")
 
-    def _take_over_existing(self) -> bool:
-        """The lock file exists: remove it if its holder is gone (True: try again), else raise."""
+    def _take_over_existing(self) -> None:
+        """The lock file exists: remove it if its holder is gone (then the caller tries again), else raise."""
         try:
             fd = os.open(self.path, os.O_RDWR)
         except FileNotFoundError:
-            return True  # released meanwhile
+            return  # released meanwhile
         except OSError as exc:
             raise storage_error(self.path, exc) from None
         try:
             if not _flock(fd, self.path, blocking_ok=True):
-                holder = self.holder()
-                who = Holder.from_json(holder).describe() if holder else "holder unknown"
+                info = self.holder()
+                who = Holder.from_json(info).describe() if info else "holder unknown"
                 raise LockError(f"{self.out}: another run is writing it ({who}); wait for it to finish")
             try:  # we flock-ed the file that is still at the path (not one a competitor just replaced)
                 st_path = os.stat(self.path)
             except FileNotFoundError:
-                return True
+                return
             st_fd = os.fstat(fd)
             if (st_path.st_ino, st_path.st_dev) != (st_fd.st_ino, st_fd.st_dev):
-                return True
+                return
             raw = self.holder()
             holder = Holder.from_json(raw) if raw else None
             state, reason = holder_state(holder, lease_age(st_fd.st_mtime), stale_after=self.stale_after)
@@ -207,7 +206,6 @@ class OutputLock:
                 )
             logger.warning("%s: taking over the lock of a run that is gone (%s; %s)", self.out, who, reason)
             self.path.unlink(missing_ok=True)
-            return True
         finally:
             os.close(fd)  # also drops our flock on the old file
 

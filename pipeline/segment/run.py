@@ -134,6 +134,7 @@ def segment(
     pyramid: bool = True,
     fail_first_attempt: Sequence[str] = (),
     hang_first_attempt: Sequence[str] = (),
+    kill_worker: Sequence[str] = (),
     timeout: float | None = None,
     qc: bool = True,
 ) -> SegmentResult:
@@ -235,6 +236,7 @@ def segment(
                 precision=precision,
                 fail_first_attempt=tuple(fail_first_attempt),
                 hang_first_attempt=tuple(hang_first_attempt),
+                kill_worker=tuple(kill_worker),
             )
             outcome = _dispatch(
                 job, todo, executor=executor, cluster=spec, retries=retries, reporter=reporter, timeout=timeout

@@ -58,6 +58,7 @@ class SegmentJob:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; see docs/gpu.md)
     fail_first_attempt: tuple[str, ...] = ()  # fault injection for tests: block ids
     hang_first_attempt: tuple[str, ...] = ()  # fault injection: first attempt sleeps 60 s
+    kill_worker: tuple[str, ...] = ()  # fault injection: SIGKILL the worker process (as an OOM kill does)
 
 
 def _model(job: SegmentJob) -> StridefreeModel:
@@ -93,6 +94,10 @@ def _attempt_marker(job: SegmentJob, block: Block) -> Path:
 
 def _inject_fault(job: SegmentJob, block: Block) -> None:
     """Test hook: the first attempt of the named blocks raises, or hangs (state kept on disk)."""
+    if block.id in job.kill_worker:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     if block.id not in job.fail_first_attempt and block.id not in job.hang_first_attempt:
         return
     marker = _attempt_marker(job, block)
