@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.logs import library_logs
 from flows.reporting import ArtifactReporter, artifact_key, publish_markdown, summary_markdown
 from flows.runstate import RunStatus, now_iso
+from pipeline.core import interrupt
 from pipeline.core.errors import (
     ConfigError,
     InputError,
@@ -358,7 +359,8 @@ def process_scan(
     The parameters are the keys of a run profile (``configs/*.yaml``); ``config`` names a
     profile whose values the other parameters override (section by section, key by key).
     """
-    with library_logs():
+    # inside Prefect's flow engine (which turns SIGTERM into a crash): stop gracefully instead
+    with library_logs(), interrupt.handling():
         cfg = resolve_parameters(source, output, config=config, name=name, model=model, ingest=ingest,
                                  segment=segment, cluster=cluster, qc=qc, overwrite=overwrite)
         return _process(cfg)
@@ -395,10 +397,11 @@ def _process(cfg: RunConfig) -> dict[str, Any]:
             outputs.update(qc_json=qc["json"], report=qc["html"] or "")
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        status.update(state="failed", error=error, finished=now_iso(), dask_dashboard=None)
+        status.update(state="failed", error=error, finished=now_iso(), dask_dashboard=None)  # error says why
+        state = "interrupted" if isinstance(exc, Interrupted) else "failed"
         publish_markdown(f"process-scan-{label}", summary_markdown(
-            f"process-scan {label}", state="failed", error=error, facts=[("stage", status.data.get("stage"))],
-            outputs=outputs), f"{label}: failed")
+            f"process-scan {label}", state=state, error=error, facts=[("stage", status.data.get("stage"))],
+            outputs=outputs), f"{label}: {state}")
         raise
     warnings, qc_data = _qc_parts(qc)
     seconds = time.perf_counter() - t0

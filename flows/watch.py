@@ -434,7 +434,7 @@ def _process_one(
         ok, error = False, f"{type(exc).__name__}: {exc}".splitlines()[0]
     if not ok and interrupt.requested() is not None:  # stopped by a signal, not failed: resume next firing
         _unclaim(state, c, error or "interrupted")
-        RunStatus(out, name=c.name).update(state="interrupted", error=error, finished=now_iso())
+        RunStatus(out, name=c.name).update(state="failed", error=error, finished=now_iso())
         logger.warning("watch: %s interrupted (%s); the next firing resumes it", c.name, error)
         return {"state": "interrupted", "output": str(out), "error": error}
     outcome = {"state": "done" if ok else "failed", "output": str(out), "finished": now_iso(),

@@ -32,7 +32,7 @@ RESUME_HINT = "run the same command to resume"
 
 _event = threading.Event()
 _signal: list[int] = []
-_installed: list[bool] = [False]
+_depth: list[int] = [0]
 
 
 class Interrupted(StudiosError):
@@ -90,25 +90,34 @@ def _handler(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def handling() -> Iterator[None]:
-    """Turn SIGTERM / SIGINT into stop requests while inside (main thread only; re-entrant)."""
-    if _installed[0] or threading.current_thread() is not threading.main_thread():
+    """Turn SIGTERM / SIGINT into stop requests while inside (main thread only).
+
+    Re-entrant, and re-installs itself where other code (Prefect's flow engine) replaced the
+    handlers in between; a pending request is cleared only by the outermost entry.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in EXIT_CODES}
+    if all(h is _handler for h in previous.values()):
+        yield
+        return
     try:
         for s in EXIT_CODES:
             signal.signal(s, _handler)
     except ValueError:  # pragma: no cover - not the main interpreter
         yield
         return
-    _installed[0] = True
-    clear()
+    outermost = _depth[0] == 0
+    if outermost:
+        clear()
+    _depth[0] += 1
     try:
         yield
     finally:
+        _depth[0] -= 1
         for s, h in previous.items():
             signal.signal(s, h)
-        _installed[0] = False
 
 
 def exit_code(default: int = 130) -> int:
