@@ -66,7 +66,8 @@ def test_lock_of_a_live_process_is_refused_and_of_a_killed_one_taken_over(tmp_pa
     holder = subprocess.Popen([sys.executable, "-c", _holder_script(out)], env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with pytest.raises(LockError, match=f"another run is writing it \\(host {socket.gethostname()}, pid {holder.pid}"):
+        busy = f"another run is writing it \\(host {socket.gethostname()}, pid {holder.pid}"
+        with pytest.raises(LockError, match=busy):
             OutputLock(out).acquire()
         with pytest.raises(LockError, match="another run is writing it"):  # a flock-ed live holder: never taken
             OutputLock(out, take_over=True).acquire()

@@ -6,8 +6,9 @@ such signal only *records* a stop request; the long loops (the block executors, 
 training's epochs, the watcher's scans) call :func:`requested` or :func:`check`, stop starting
 new work, let running work finish within a bounded grace period, record what finished and
 raise :class:`Interrupted`, whose exit status is 143 (SIGTERM) or 130 (SIGINT). Locks and
-temporary outputs are released by the ordinary ``with`` blocks on the way out. A second signal
-stops at once (``KeyboardInterrupt``), still through those ``with`` blocks.
+temporary outputs are released by the ordinary ``with`` blocks on the way out. A second SIGINT
+stops at once (``KeyboardInterrupt``), still through those ``with`` blocks; a repeated SIGTERM
+(SLURM sends one before the walltime and one at it) changes nothing.
 
 Without :func:`handling` (library use in a notebook), signals keep Python's default behaviour.
 """
@@ -81,9 +82,12 @@ def check(what: str) -> None:
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
-    if _event.is_set():
-        raise KeyboardInterrupt(f"second signal {signum}: stopping now")
     name = signal.Signals(signum).name
+    if _event.is_set():
+        if signum == signal.SIGINT:  # Ctrl-C twice: the user insists
+            raise KeyboardInterrupt(f"second {name}: stopping now")
+        logger.warning("%s received again: still stopping", name)  # SLURM / systemd repeat SIGTERM
+        return
     logger.warning("%s received: finishing running work (up to %.0fs), then stopping", name, GRACE_SECONDS)
     request(signum)
 

@@ -92,8 +92,15 @@ def _attempt_marker(job: SegmentJob, block: Block) -> Path:
     return Path(job.output).with_name(Path(job.output).name + ".faults") / block.id
 
 
+#: Fault injection for tests: seconds each block sleeps before it runs.
+DELAY_ENV = "STUDIOS_TEST_BLOCK_DELAY"
+
+
 def _inject_fault(job: SegmentJob, block: Block) -> None:
     """Test hook: the first attempt of the named blocks raises, or hangs (state kept on disk)."""
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    if delay > 0:  # tests of walltime limits: blocks that take a known time on any machine
+        time.sleep(delay)
     if block.id in job.kill_worker:
         import signal
 
