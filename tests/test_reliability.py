@@ -265,3 +265,58 @@ def test_bad_inputs_are_one_line_nonzero_and_write_nothing(inputs, tmp_path):
         assert _listing(tmp_path) == before, name  # nothing created, nothing changed
     r = _cli(tmp_path, "model", "init", "m3", "--classes", "3")  # a count of two or more names class_1..class_N
     assert r.returncode == 0 and "classes class_1, class_2, class_3" in r.stdout, r.stderr
+
+
+# ------------------------------------------------------------------------- scheduled flows
+
+
+WATCH = """
+import sys
+from flows.watch import watch_folder
+result = watch_folder(config=sys.argv[1])
+print("processed", {name: r["state"] for name, r in result["processed"].items()})
+"""
+
+
+def test_scan_interrupted_in_a_watch_firing_is_resumed_by_the_next(inputs, tmp_path):
+    """SIGTERM during a watch firing: the scan is recorded 'interrupted' and its claim released;
+    the next firing processes it again and the segmentation resumes instead of starting over."""
+    import shutil
+
+    inc, root = tmp_path / "incoming", tmp_path / "processed"
+    inc.mkdir()
+    shutil.copy(CEMENT, inc / "scan_a.tif")
+    (inc / "scan_a.complete").touch()
+    profile = tmp_path / "beamline.yaml"
+    profile.write_text(f"""
+output: {root}
+watch: {{incoming: {inc}, interval: 3600, completion: marker}}
+model: {{bundle: {inputs / 'model'}}}
+segment: {{block: 32}}
+cluster: {{kind: serial}}
+qc: {{enabled: false}}
+""")
+    env = {**ENV, "STUDIOS_TEST_BLOCK_DELAY": "0.2", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    seg = root / "scan_a" / "seg.zarr"
+    first = subprocess.Popen([sys.executable, "-c", WATCH, str(profile)], cwd=ROOT, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while done_count(seg) < 12 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    done_at_stop = done_count(seg)
+    assert first.returncode != 0 and "interrupted: " in err and 12 <= done_at_stop < 64, err[-3000:]
+    state = json.loads((root / ".studios-watch" / "state.json").read_text())
+    assert state["scans"]["scan_a"]["state"] == "interrupted"
+    assert not (root / ".studios-watch" / "claims" / "scan_a.claim").exists()
+    assert not seg.with_name("seg.zarr.lock").exists()
+
+    second = subprocess.run([sys.executable, "-c", WATCH, str(profile)], cwd=ROOT, env=env, text=True,
+                            capture_output=True, timeout=600)
+    assert second.returncode == 0 and "processed {'scan_a': 'done'}" in second.stdout, second.stderr[-3000:]
+    run = zarr.open_group(str(seg), mode="r").attrs["studios"]
+    assert run["complete"] is True and run["run"]["blocks_resumed"] == done_at_stop  # resumed, not redone
+    assert array_bytes(seg) == array_bytes(inputs / "reference.zarr")
