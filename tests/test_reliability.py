@@ -233,6 +233,7 @@ def test_bad_inputs_are_one_line_nonzero_and_write_nothing(inputs, tmp_path):
     shutil.copytree(inputs / "scan.zarr", tmp_path / "scan.zarr")
     shutil.copytree(inputs / "model", tmp_path / "model")
     shutil.copytree(inputs / "scan.zarr", tmp_path / "writing.zarr")
+    shutil.copytree(inputs / "reference.zarr", tmp_path / "seg.zarr")
     g = zarr.open_group(str(tmp_path / "writing.zarr"), mode="r+")
     g.attrs["studios"] = {**dict(g.attrs["studios"]), "complete": False}  # a scan still being written
     labels = np.zeros((128, 128, 128), np.uint8)
@@ -251,6 +252,7 @@ def test_bad_inputs_are_one_line_nonzero_and_write_nothing(inputs, tmp_path):
         "train on a scan being written": (
             ["train", "writing.zarr", "one_class.npy", "m", "--epochs", "1"], "is incomplete"),
         "ingest a scan being written": (["ingest", "writing.zarr", "again.zarr"], "is not marked complete"),
+        "QC against a scan being written": (["qc", "seg.zarr", "--scan", "writing.zarr"], "is incomplete"),
         "annotations with one class": (
             ["train", "scan.zarr", "one_class.npy", "m", "--epochs", "1"], "every labelled voxel is class 9"),
         "model with one class (count)": (["model", "init", "m", "--classes", "1"], "at least two classes"),
