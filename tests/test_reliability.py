@@ -203,6 +203,7 @@ def test_block_that_keeps_killing_its_worker_is_named_with_a_hint(inputs, tmp_pa
     """The worker running block 0-1-0 is SIGKILLed on every attempt (what the kernel's OOM killer
     does); the other blocks finish, the block is reported by id with the fix, and a rerun resumes."""
     import dask
+    import distributed  # noqa: F401  (its config defaults must exist before dask.config.set, or leaving it drops them)
 
     out = tmp_path / "out.zarr"
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}), pytest.raises(BlockFailedError) as info:
