@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import ArtifactReporter, publish_markdown
 from flows.logs import library_logs
+from pipeline.core import interrupt
 from pipeline.core.settings import ClusterOptions, IngestOptions, ModelOptions, SegmentOptions
 from pipeline.service import process as lib
 from pipeline.service.runstate import RunStatus, now_iso
@@ -184,7 +185,8 @@ def process_scan(
     The parameters are the keys of a run profile (``configs/*.yaml``); ``config`` names a
     profile whose values the other parameters override (section by section, key by key).
     """
-    with library_logs():
+    # inside Prefect's flow engine (which turns SIGTERM into a crash): stop gracefully instead
+    with library_logs(), interrupt.handling():
         cfg = lib.resolve_parameters(source, output, config=config, name=name, model=model, ingest=ingest,
                                      segment=segment, cluster=cluster, qc=qc, overwrite=overwrite)
         plan = lib.plan_run(cfg)
@@ -204,8 +206,9 @@ def process_scan(
                 outputs.update(qc_json=qc_["json"], report=qc_["html"] or "")
         except BaseException as exc:
             error = lib.error_line(exc)
-            status.update(state="failed", error=error, finished=now_iso(), dask_dashboard=None)
-            _publish(f"process-scan-{label}", f"process-scan {label}", f"{label}: failed", state="failed",
+            state = "interrupted" if isinstance(exc, interrupt.Interrupted) else "failed"
+            status.update(state="failed", error=error, finished=now_iso(), dask_dashboard=None)  # error says why
+            _publish(f"process-scan-{label}", f"process-scan {label}", f"{label}: {state}", state=state,
                      error=error, facts=[("stage", status.data.get("stage"))], outputs=outputs)
             raise
         warnings, qc_data = lib.qc_parts(qc_)

@@ -15,6 +15,7 @@ from prefect import flow
 
 from flows.artifacts import publish_markdown
 from flows.logs import library_logs
+from pipeline.core import interrupt
 from pipeline.service import incoming as watcher
 from pipeline.service.process import check_processing, error_line
 from pipeline.service.summary import look_markdown
@@ -56,7 +57,10 @@ def watch_folder(
         state = watcher.WatchState(settings.state_path)
         look = watcher.claim_ready(state, settings, firing=str(flow_run.get_id() or "") or None)
         run = functools.partial(_process, config=config, sections=sections)
-        results = {c.name: watcher.process_claimed(state, c, settings.output_root, run) for c in look.claimed}
+        with interrupt.handling():  # SIGTERM / SIGINT: the running scan stops cleanly, the rest wait
+            results = watcher.process_all(state, look.claimed, settings.output_root, run)
+        interrupt.check(f"watch {settings.incoming} stopped; {sum(r['state'] == 'done' for r in results.values())} "
+                        "scan(s) done, the interrupted one resumes at the next firing")
         publish_markdown("watch-folder", look_markdown(settings.incoming, results, look.waiting),
                          f"look at {settings.incoming}")
         return {"incoming": str(settings.incoming), "output_root": str(settings.output_root),

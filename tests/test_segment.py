@@ -127,18 +127,26 @@ def test_changed_model_or_blocks_invalidate_ledger(tmp_path, scan, model):
         _run(scan, model, out, block=8, chunks=(8, 8, 8))
 
 
-def test_lock_names_holder_and_stale_lock_takeover(tmp_path, scan, model):
+def test_lock_names_holder_and_stale_lock_takeover(tmp_path, scan, model, caplog):
+    from pipeline.io.lease import process_start_time
+
     out = tmp_path / "s.zarr"
     lock = tmp_path / "s.zarr.lock"
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "2026-01-01T00:00:00"}))
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": process_start_time(os.getpid()),
+          "started": "2026-01-01T00:00:00"}
+    lock.write_text(json.dumps(me))  # a live process with its start time: busy
     with pytest.raises(LockError, match=f"another run is writing it \\(host {socket.gethostname()}, pid {os.getpid()}"):
         _run(scan, model, out)
     assert not out.exists()
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "started": "x"}))
-    with pytest.raises(LockError, match="no longer alive.*--take-over-lock"):
+    # a live pid without a recorded start time cannot be checked: only --take-over-lock takes it
+    lock.write_text(json.dumps({**me, "pid_started": 0}))
+    with pytest.raises(LockError, match="cannot be checked.*--take-over-lock"):
         _run(scan, model, out)
-    r = _run(scan, model, out, take_over_lock=True)
+    # a dead pid is taken over automatically, with one warning
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "started": "x"}))
+    r = _run(scan, model, out)
     assert r.blocks_done == 12 and not lock.exists()
+    assert "taking over the lock of a run that is gone" in caplog.text and "is gone" in caplog.text
 
 
 def test_skip_constant_blocks_and_mask(tmp_path, rng, model):

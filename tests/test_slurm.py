@@ -36,6 +36,7 @@ from pipeline.compute.slurm import squeue_jobs
 from pipeline.core.errors import ClusterError
 from pipeline.io.bundle import init_bundle, save_bundle
 from pipeline.segment.run import segment
+from pipeline.testing.faults import slow_blocks_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
@@ -268,3 +269,66 @@ def test_sbatch_template_is_accepted(slurm, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "to start at" in r.stderr
     assert not _our_jobs()
+
+
+def _job_state(job_id: str) -> tuple[str, str]:
+    """(JobState, ExitCode) of a job from scontrol ("" while it is unknown)."""
+    r = subprocess.run(["scontrol", "show", "job", job_id, "-o"], capture_output=True, text=True)
+    fields = dict(f.split("=", 1) for f in r.stdout.split() if "=" in f)
+    return fields.get("JobState", ""), fields.get("ExitCode", "")
+
+
+def _done_blocks(seg: Path) -> int:
+    done = seg / "ledger" / "done" / "c"
+    return sum(1 for p in done.rglob("*") if p.is_file()) if done.exists() else 0
+
+
+@pytest.mark.timeout(900)
+def test_walltime_stop_then_the_same_sbatch_resumes(slurm, tmp_path):
+    """The run job (deploy/slurm/studios-run.sbatch, unchanged) with a 3-minute time limit gets
+    SLURM's pre-walltime SIGTERM, stops cleanly, and the same sbatch command, submitted again
+    until it completes, resumes where each job stopped: output equal to an uninterrupted run."""
+    template = ROOT / "deploy" / "slurm" / "studios-run.sbatch"
+    model = save_bundle(init_bundle(classes=("void", "cement"), params=SMALL, seed=3), tmp_path / "model")
+    out = tmp_path / "run"
+    config = tmp_path / "walltime.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "walltime", "source": str(CEMENT), "output": str(out), "model": {"bundle": str(model)},
+        "segment": {"block": [32, 32, 32]}, "cluster": {"kind": "local", "workers": 1, "threads_per_worker": 1},
+        "qc": {"enabled": False}}))
+    env = slow_blocks_env(1.5, {**os.environ, "STUDIOS_VENV": str(Path(sys.executable).parents[1]),
+                                "PYTHONPATH": str(ROOT)})  # 64 blocks of >= 1.5 s: the run outlasts the first signal
+    # 3 minutes: the template's --signal=B:TERM@90 arrives 60-90 s into each job (SLURM sends it
+    # up to 30-60 s early), mid-run; the hard limit is the fallback
+    cmd = ["sbatch", "--parsable", "--time=3", "--cpus-per-task=1", "--mem=2G", f"--job-name={PREFIX}-walltime",
+           f"--output={tmp_path}/job-%j.out", str(template), str(config)]
+    seg = out / "seg.zarr"
+    jobs: list[tuple[str, str, str, int]] = []
+    for _ in range(5):
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        job_id = r.stdout.strip().split(";")[0]
+        deadline = time.monotonic() + 240
+        state, code = _job_state(job_id)
+        while state in ("", "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SIGNALING") and (
+                time.monotonic() < deadline):
+            time.sleep(1)
+            state, code = _job_state(job_id)
+        log = (tmp_path / f"job-{job_id}.out").read_text()
+        jobs.append((job_id, state, code, _done_blocks(seg)))
+        print(f"job {job_id}: {state} exit {code}, {jobs[-1][3]}/64 blocks done; log tail: {log.strip()[-300:]}")
+        assert not seg.with_name("seg.zarr.lock").exists(), f"job {job_id} left the lock behind"
+        if state == "COMPLETED":
+            break
+        assert state in ("FAILED", "TIMEOUT"), (state, log[-2000:])
+        if state == "FAILED":  # stopped by the pre-walltime SIGTERM: a clean stop
+            assert code.startswith("143"), (code, log[-2000:])
+            assert "studios: interrupted: " in log and "run the same command to" in log, log[-2000:]
+    assert jobs[-1][1] == "COMPLETED" and len(jobs) >= 2, jobs
+    assert any(0 < done < 64 for _, _, _, done in jobs[:-1]), jobs  # some job stopped half-way
+    run = zarr.open_group(str(seg), mode="r").attrs["studios"]
+    assert run["complete"] is True and run["run"]["blocks_resumed"] == jobs[-2][3], (run["run"], jobs)
+    reference = tmp_path / "reference.zarr"
+    segment(out / "scan.zarr", model, reference, block=32, executor=SerialExecutor(), qc=False)
+    np.testing.assert_array_equal(_labels(seg), _labels(reference))
+    assert not _wait_no_jobs(), "jobs left behind"

@@ -257,7 +257,7 @@ def test_training_option_errors(data):
     with pytest.raises(ConfigError):
         train(data["scan"], data["ann"], data["tmp"] / "x", val_fraction=1.0)
     with pytest.raises(InputError):  # annotations for another shape
-        train(data["scan"], from_array(np.ones((4, 4, 4), np.uint8)), data["tmp"] / "x", epochs=1)
+        train(data["scan"], from_array(np.arange(64, dtype=np.uint8).reshape(4, 4, 4) % 2 + 1), data["tmp"] / "x", epochs=1)
     with pytest.raises(InputError):  # labels beyond the named classes
         train(data["scan"], data["ann"], data["tmp"] / "x", classes=("only",), epochs=1)
 

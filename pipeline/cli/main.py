@@ -114,8 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:
         for noisy in ("distributed", "prefect", "httpx", "dask_jobqueue"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipeline.core import interrupt
+
     try:
-        return int(args.handler(args))
+        with interrupt.handling():  # SIGTERM / SIGINT: finish running work, record it, exit 143 / 130
+            return int(args.handler(args))
+    except interrupt.Interrupted as exc:
+        print(f"studios: {exc}", file=sys.stderr)
+        return exc.exit_code
     except StudiosError as exc:
         if args.debug:
             raise
@@ -123,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("studios: interrupted", file=sys.stderr)
-        return 130
+        return interrupt.exit_code(130)
     except Exception as exc:
         if args.debug:
             raise

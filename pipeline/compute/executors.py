@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pipeline.core import interrupt
 from pipeline.core.errors import DiskFullError
 from pipeline.core.progress import NullReporter, Reporter
 from pipeline.core.tiling import Block
@@ -36,6 +37,7 @@ class RunOutcome:
         failed: block id -> last error (``"Type: message"``).
         tracebacks: block id -> formatted traceback of the last error.
         fatal: set when the run stopped early (disk full): the error message.
+        interrupted: the signal that stopped the run early (SIGTERM / SIGINT), else None.
     """
 
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -43,6 +45,7 @@ class RunOutcome:
     tracebacks: dict[str, str] = field(default_factory=dict)
     fatal: str | None = None
     seconds: float = 0.0
+    interrupted: int | None = None
 
     def record_failure(self, block: Block, exc: BaseException, tb: Any = None) -> None:
         self.failed[block.id] = f"{type(exc).__name__}: {exc}"
@@ -70,6 +73,9 @@ class SerialExecutor:
         reporter.start("segment", len(blocks))
         for block in blocks:
             if outcome.fatal:
+                break
+            if (signum := interrupt.requested()) is not None:  # the running block finished; start no more
+                outcome.interrupted = signum
                 break
             for attempt in range(self.retries + 1):
                 try:
@@ -148,7 +154,18 @@ class DaskExecutor:
             )
             active[fut.key] = (fut, block, attempt)
 
+        stop_at: float | None = None
         while todo or active:
+            if stop_at is None and (signum := interrupt.requested()) is not None:
+                outcome.interrupted = signum
+                todo.clear()  # submit no more; blocks already running get the grace period
+                self._cancel_queued(active)
+                stop_at = time.monotonic() + interrupt.GRACE_SECONDS
+            if stop_at is not None and time.monotonic() > stop_at:
+                logger.warning("grace period over: abandoning %d running block(s)", len(active))
+                self.client.cancel([f for f, _, _ in active.values()])
+                active.clear()
+                break
             while todo and len(active) < capacity:
                 submit(todo.pop(), 0)
             try:
@@ -161,19 +178,35 @@ class DaskExecutor:
                 try:
                     result = fut.result()
                 except Exception as exc:
+                    if outcome.interrupted is not None:  # its worker was stopped by the same signal
+                        logger.info("block %s: stopped by the interruption: %s", block.id, exc)
+                        fut.release()
+                        continue
                     logger.info("block %s: failed after %d attempts: %s", block.id, self.retries + 1, exc)
-                    outcome.record_failure(block, exc, fut.traceback())
+                    outcome.record_failure(block, _explain_worker_death(block, exc, self.retries), fut.traceback())
                     if outcome.fatal:  # disk full: stop instead of failing every block
                         todo.clear()
                 else:
                     outcome.results.append(result)
                     reporter.advance(1, voxels=block.write.size)
                 fut.release()
-            if self.timeout is not None and active:
+            if self.timeout is not None and active and outcome.interrupted is None:
                 self._check_timeouts(active, started, outcome, submit)
         reporter.finish()
         outcome.seconds = time.perf_counter() - t0
         return outcome
+
+    def _cancel_queued(self, active: dict[str, tuple[Any, Block, int]]) -> None:
+        """Cancel the submitted blocks no worker thread has started yet."""
+        try:
+            running = {k for keys in self.client.run(_executing_keys).values() for k in keys}
+        except Exception as exc:  # workers stopping (the same signal reached them): keep all, grace bounds it
+            logger.debug("could not query executing tasks: %s", exc)
+            return
+        queued = [key for key in active if key not in running]
+        if queued:
+            self.client.cancel([active.pop(key)[0] for key in queued])
+        logger.warning("stopping: %d running block(s) may finish, %d queued ones cancelled", len(active), len(queued))
 
     def _check_timeouts(
         self,
@@ -214,6 +247,26 @@ class DaskExecutor:
                 outcome.record_failure(
                     block, TimeoutError(f"no result after {self.timeout:.0f}s, {attempt + 1} attempts")
                 )
+
+
+class WorkerDiedError(RuntimeError):
+    """A block's worker process died every time it ran the block (killed: out of memory, most often)."""
+
+
+def _explain_worker_death(block: Block, exc: BaseException, retries: int) -> BaseException:
+    """A block whose worker process died on every attempt (e.g. killed by the kernel when out of
+    memory): say so, with the fix, instead of Dask's bare ``KilledWorker``."""
+    import dask
+    from distributed.scheduler import KilledWorker
+
+    if not isinstance(exc, KilledWorker):
+        return exc
+    attempts = int(dask.config.get("distributed.scheduler.allowed-failures", 3)) + 1
+    return WorkerDiedError(
+        f"block {block.id}: its worker process died each time it ran it ({attempts} attempts; killed, e.g. by the "
+        "kernel when out of memory); use a smaller --block or fewer --threads-per-worker, or give the workers "
+        "more memory"
+    )
 
 
 def _executing_keys(dask_worker: Any) -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
+from pipeline.core import interrupt
 from pipeline.core.errors import InputError, StudiosError
 from pipeline.core.normalize import IntensityStats, StatsAccumulator
 from pipeline.core.progress import NullReporter, Reporter
@@ -165,6 +166,8 @@ def _write(
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             pending: list[Future[tuple[StatsAccumulator, int]]] = []
             for z0 in starts:
+                if interrupt.requested() is not None:
+                    break  # the slabs in flight finish (bounded: ``workers`` slabs), then we stop
                 pending.append(pool.submit(work, z0))
                 if len(pending) > workers:
                     acc, count = pending.pop(0).result()
@@ -177,6 +180,9 @@ def _write(
                 bad += count
                 reporter.advance(1, voxels=slab * src.shape[1] * src.shape[2])
         reporter.finish()
+        # nothing partial is kept: atomic_directory removes the temporary output on the way out
+        interrupt.check(f"ingest of {src.path} stopped before it finished; nothing was written, "
+                        "run the same command to start it again")
         stats = total.result()
         levels = build_pyramid(group, method="mean", workers=workers) if pyramid else 1
         group.attrs["ome"] = {

@@ -126,8 +126,13 @@ def init_bundle(
     normalization: Normalization | None = None,
 ) -> ModelBundle:
     """A bundle with seeded random weights (for trying the engine before training)."""
-    if len(classes) < 1 or len(classes) > 255:
-        raise ModelError(f"{len(classes)} classes given; between 1 and 255 are supported")
+    if isinstance(classes, str):
+        raise ModelError(f"classes {classes!r} is one string; give a sequence of class names (label 1..K)")
+    if len(classes) < 2 or len(classes) > 255:
+        raise ModelError(
+            f"{len(classes)} class(es) given ({', '.join(map(str, classes))}); a segmentation model needs between "
+            "2 and 255 classes"
+        )
     torch.manual_seed(seed)
     p = dict(params or {})
     p.setdefault("classes", len(classes))

@@ -301,10 +301,16 @@ class ArraySource:
 
             try:
                 node = zarr.open(str(self.path), mode="r")
+                studios = node.attrs.get("studios") if isinstance(node, zarr.Group) else None
                 if isinstance(node, zarr.Group):
                     node = node["0"]
             except (KeyError, FileNotFoundError, ValueError, TypeError) as exc:
                 raise InputError(f"{self.path}: is not a zarr array or image ({exc}); check the path") from None
+            if isinstance(studios, dict) and studios.get("complete") is False:  # a studios image still being written
+                raise InputError(
+                    f"{self.path}: is not marked complete (its writer has not finished); wait for it or rerun the "
+                    "command that writes it"
+                )
             self._array = node
         self.shape = _check_shape(self._array.shape, self.path)
         self.dtype = _check_dtype(np.dtype(self._array.dtype), self.path)

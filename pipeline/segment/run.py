@@ -39,10 +39,11 @@ from pipeline.core.errors import (
     InputError,
     StudiosError,
 )
+from pipeline.core.interrupt import RESUME_HINT, Interrupted
 from pipeline.core.progress import NullReporter, Reporter
 from pipeline.io.bundle import ModelBundle, load_bundle
 from pipeline.io.labels import mark_segmentation
-from pipeline.io.outputs import OutputLock, storage_error
+from pipeline.io.outputs import OutputLock, check_output, storage_error
 from pipeline.io.store import (
     Image,
     build_pyramid,
@@ -171,6 +172,8 @@ def segment(
     wanted = manifest(plan, scan=scan, fingerprint=bundle.fingerprint, probabilities=probabilities, exact=exact,
                       precision=precision)
     try:
+        # before the lock file is made beside it: never inside the scan or another zarr store
+        check_output(out, inputs=[Path(scan), *([Path(mask)] if mask is not None else [])], overwrite=True)
         with OutputLock(out, take_over=take_over_lock):
             group, ledger, model_dir = open_output(out, plan, wanted, bundle, Path(scan), overwrite=overwrite,
                                                     probabilities=probabilities)
@@ -190,6 +193,10 @@ def segment(
         raise
     except OSError as exc:
         raise storage_error(out, exc) from None
+    if outcome.interrupted is not None and result.blocks_done < result.blocks_total:
+        raise Interrupted(
+            f"interrupted: {result.blocks_done}/{result.blocks_total} blocks done; {RESUME_HINT}", outcome.interrupted
+        )
     _raise_failures(out, outcome, result, len(plan.blocks))
     return result
 

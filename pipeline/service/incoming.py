@@ -35,11 +35,12 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import interrupt
 from pipeline.core.errors import ConfigError, one_line
 from pipeline.core.settings import WatchOptions, scan_name_for
 from pipeline.io.sources import READABLE_SUFFIXES
@@ -333,8 +334,34 @@ def process_claimed(state: WatchState, c: Candidate, output_root: Path, run: Sca
     if ok:
         state.mark_claim_done(c.name)
         logger.info("watch: %s done -> %s", c.name, out)
+    elif interrupt.requested() is not None:  # stopped by a signal, not failed: resume at the next firing
+        unclaim(state, c, error or "interrupted")
+        RunStatus(out, name=c.name).update(state="failed", error=error, finished=now_iso())
+        logger.warning("watch: %s interrupted (%s); the next firing resumes it", c.name, error)
+        return {**outcome, "state": "interrupted"}
     else:
         state.release(c.name)
         RunStatus(out, name=c.name).update(state="failed", error=error, finished=now_iso())
         logger.error("watch: %s failed: %s", c.name, error)
     return outcome
+
+
+def process_all(state: WatchState, claimed: Sequence[Candidate], output_root: Path, run: ScanRunner
+                ) -> dict[str, dict[str, Any]]:
+    """:func:`process_claimed` for each claimed scan in turn; after a stop request the scans not yet
+    started are released for the next firing (state ``interrupted``)."""
+    results: dict[str, dict[str, Any]] = {}
+    for c in claimed:
+        if interrupt.requested() is not None:
+            unclaim(state, c, "the watcher was stopped before it started this scan")
+            results[c.name] = {"state": "interrupted", "output": str(output_root / c.name), "error": None}
+            continue
+        results[c.name] = process_claimed(state, c, output_root, run)
+    return results
+
+
+def unclaim(state: WatchState, c: Candidate, why: str) -> None:
+    """Leave ``c`` for the next firing: state ``interrupted`` (processed again, resuming), claim released."""
+    with state.edit() as data:
+        data["scans"][c.name].update(state="interrupted", error=why, finished=now_iso())
+    state.release(c.name)

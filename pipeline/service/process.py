@@ -33,6 +33,7 @@ from pipeline.core.errors import (
     OutputExistsError,
     one_line,
 )
+from pipeline.core.interrupt import Interrupted
 from pipeline.core.progress import Reporter
 from pipeline.core.schema import Section
 from pipeline.core.settings import (
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T", bound=Section)
 
 #: Errors a retry cannot fix: bad input or config, an existing output, a lock held by another run.
-NOT_RETRYABLE = (ConfigError, InputError, ModelError, OutputExistsError, LedgerMismatchError, LockError)
+NOT_RETRYABLE = (ConfigError, InputError, ModelError, OutputExistsError, LedgerMismatchError, LockError, Interrupted)
 
 
 def retryable(exc: BaseException) -> bool:

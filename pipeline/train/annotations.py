@@ -428,6 +428,12 @@ def _assemble(
         _, last = np.unique(np.asarray(flat)[::-1], return_index=True)
         keep = np.sort(len(flat) - 1 - last)
         points, values = points[keep], values[keep]
+    present = np.unique(values)
+    if len(present) < 2:
+        raise InputError(
+            f"{where}: every labelled voxel is class {int(present[0])}; a segmentation model needs examples of at "
+            "least two classes: label some background (or another class) too"
+        )
     top = int(values.max())
     if classes is None:
         n_classes = top
@@ -439,12 +445,6 @@ def _assemble(
                 f"name {top} classes or relabel the annotations as 1..{n_classes}"
             )
     counts = tuple(int(c) for c in np.bincount(values, minlength=n_classes + 1)[1:])
-    present = [k + 1 for k, c in enumerate(counts) if c]
-    if len(present) < 2:
-        raise InputError(
-            f"{where}: only class {present[0]} is labelled; label examples of at least two classes "
-            "(e.g. the material and the background)"
-        )
     planes = _group_planes(points, values, shape)
     ann = Annotations(shape=shape, planes=planes, n_classes=n_classes, counts=counts, source=source, names=names)
     for k in ann.missing:

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import __version__
+from pipeline.core import interrupt
 from pipeline.core.errors import ConfigError, InputError, OutputExistsError
 from pipeline.core.geometry import Box
 from pipeline.core.metrics import scores
@@ -547,6 +548,8 @@ class _Loop:
             while epochs is None or self.epochs < epochs:
                 run_loss, run_correct, run_n, run_steps, out_of_time = 0.0, 0, 0, 0, False
                 for _ in range(steps_per_epoch):
+                    interrupt.check(f"training stopped in epoch {self.epochs + 1}; no model was written, "
+                                    "run the same command to train again")
                     loss, correct, n = self.step()
                     run_steps += 1
                     run_loss, run_correct, run_n = run_loss + loss, run_correct + correct, run_n + n
