@@ -69,8 +69,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    f"0.2 (default {DEFAULT_VAL_FRACTION:g}; none for a class with fewer than 3 strokes; 0 turns "
                    "validation off); after early stopping, training continues on all labels")
     p.add_argument("--unlabelled", choices=MODES, default=DEFAULT_MODE,
-                   help=f"use of the unlabelled voxels (default {DEFAULT_MODE}: confident pseudo-labels under random "
-                   "flips/rotations; entropy: entropy minimisation; none: labelled voxels only)")
+                   help=f"use of the unlabelled voxels (default {DEFAULT_MODE}): pseudo: confident pseudo-labels on "
+                   "unlabelled slabs under random flips/rotations; windows: the same on the training windows; "
+                   "entropy: entropy minimisation; none: labelled voxels only")
     p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
                    help=f"epochs without validation improvement before stopping (default {DEFAULT_PATIENCE})")
     p.add_argument("--steps-per-epoch", type=int, default=STEPS_PER_EPOCH,
@@ -155,8 +156,10 @@ def summary_line(r: TrainResult) -> str:
     """One line: where, what, how long, validation metrics."""
     m, prov = r.metrics, r.provenance
     epochs = f"{r.epochs} epoch{'s' * (r.epochs != 1)}"
+    validated = r.steps - int(m.get("final_steps") or 0)
     head = (f"wrote {r.bundle_path}: {prov.get('arch')} (halo {r.halo}, {prov.get('parameters')} parameters), "
-            f"{len(r.classes)} classes, {epochs} / {r.steps} steps in {r.seconds:.1f}s ({m.get('stopped')})")
+            f"{len(r.classes)} classes, {epochs} / {validated} steps in {r.seconds:.1f}s "
+            f"({m.get('stopped')})")
     if m.get("final_steps"):
         head += f", then {m['final_steps']} steps on all {m.get('final_voxels')} labelled voxels"
     if "val_accuracy" not in m:

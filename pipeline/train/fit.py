@@ -30,8 +30,8 @@ from pipeline.core.normalize import apply_affine
 from pipeline.core.progress import Reporter
 from pipeline.models import StridefreeModel
 from pipeline.train.optim import Adam
-from pipeline.train.sampling import Plane, Sampler, augment, patch
-from pipeline.train.unlabelled import UnlabelledPool, unlabelled_loss
+from pipeline.train.sampling import Plane, Sampler, apply_symmetry, intensity, patch, symmetry
+from pipeline.train.unlabelled import THRESHOLD, WEIGHT, UnlabelledPool, unlabelled_loss
 from pipeline.train.validation import val_scores
 
 PLATEAU = 3  # epochs without improvement before the learning rate halves
@@ -66,21 +66,34 @@ class Fit:
         for _ in range(self.batch_size):
             i, u0, v0 = self.sampler.window()
             pl = self.planes[i]
-            x, y = augment(*patch(pl, u0, v0, s, s, h, pl.train), self.offset, self.scale, self.rng)
-            groups.setdefault(x.shape, []).append((x, y))
+            xr, yr = patch(pl, u0, v0, s, s, h, pl.train)
+            g = symmetry(self.rng)
+            xg, y = apply_symmetry(xr, g), np.ascontiguousarray(apply_symmetry(yr, g))
+            groups.setdefault(xg.shape, []).append((xg, y))
         self.opt.zero_grad(set_to_none=True)
         n = sum(int((y >= 0).sum()) for g in groups.values() for _, y in g)
         total, correct = 0.0, 0
         for group in groups.values():
-            xt = torch.from_numpy(np.stack([g[0] for g in group])[:, None]).to(self.device)
+            jittered = [intensity(g[0], self.offset, self.scale, self.rng) for g in group]
+            xt = torch.from_numpy(np.stack(jittered)[:, None])
             yt = torch.from_numpy(np.stack([g[1] for g in group])).to(self.device)
-            logits = self.model(xt)
+            logits = self.model(xt.to(self.device))
             loss = F.cross_entropy(logits, yt, ignore_index=-1, reduction="sum") / max(n, 1)
+            if self.unlabelled == "windows" and self.steps >= self.warmup:
+                clean = np.stack([apply_affine(np.ascontiguousarray(g[0]), self.offset, self.scale) for g in group])
+                with torch.no_grad():
+                    self.model.eval()
+                    conf, pseudo = F.softmax(self.model(torch.from_numpy(clean[:, None]).to(self.device)), 1).max(1)
+                    self.model.train()
+                    pseudo[(conf < THRESHOLD) | (yt >= 0)] = -1
+                    self.confident = float((pseudo >= 0).float().mean())
+                loss = loss + WEIGHT * F.cross_entropy(logits, pseudo, ignore_index=-1, reduction="sum") / (
+                    pseudo.numel() * len(groups))
             loss.backward()
             total += float(loss.detach())
             with torch.no_grad():
                 correct += int(((logits.argmax(1) == yt) & (yt >= 0)).sum())
-        if self.unlabelled != "none" and self.pool is not None and self.steps >= self.warmup:
+        if self.unlabelled in ("pseudo", "entropy") and self.pool is not None and self.steps >= self.warmup:
             u_loss, self.confident = unlabelled_loss(self.unlabelled, self.model, self.pool, self.batch_size,
                                                      offset=self.offset, scale=self.scale, device=self.device,
                                                      rng=self.rng)

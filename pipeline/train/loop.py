@@ -26,8 +26,9 @@ Recipe (modules of :mod:`pipeline.train`):
   at most 20 % of each class's labelled voxels, none for a class with fewer than 3 strokes;
 * :mod:`~pipeline.train.fit`: Adam (:mod:`~pipeline.train.optim`), learning rate halved when
   validation stalls, early stopping, best weights, then training continues on ALL labels;
-* :mod:`~pipeline.train.unlabelled`: confident pseudo-labels on unlabelled slabs under random
-  symmetries (``unlabelled="pseudo"``, the default; ``"none"`` turns it off).
+* :mod:`~pipeline.train.unlabelled`: optional use of the unlabelled voxels (confident
+  pseudo-labels under random symmetries, or entropy minimisation); off by default
+  (``unlabelled="none"``): it did not win by measurement on scribbles.
 
 Reproducibility: the same seed, inputs and ``epochs`` (no ``minutes``) give the same weights on
 the same machine, thread count and torch build. A wall-clock budget (``minutes``) stops after a
@@ -150,8 +151,9 @@ def train(
             ``metrics(dict)`` method it receives ``loss``/``acc`` every step and
             ``val acc``/``val mIoU`` every epoch.
         unlabelled: how the unlabelled voxels are used, one of
-            :data:`pipeline.train.unlabelled.MODES` (``pseudo``: confident pseudo-labels under
-            random symmetries, the default; ``entropy``; ``none``).
+            :data:`pipeline.train.unlabelled.MODES` (``pseudo``: confident pseudo-labels on
+            unlabelled slabs under random symmetries; ``windows``: the same on the training
+            windows; ``entropy``; ``none``, the default).
 
     Returns:
         :class:`TrainResult`.
@@ -200,7 +202,7 @@ def train(
                     "(%s strokes held out per class)", arch, h, model.n_parameters(), len(planes), sampler.n_train,
                     n_val, split["held_strokes"])
         pool = (UnlabelledPool(image.array, shape, sorted({pl.axis for pl in ann.planes}), h, size, rng)
-                if unlabelled != "none" else None)
+                if unlabelled in ("pseudo", "entropy") else None)
         fit = Fit(model, planes, sampler, offset=offset, scale=scale, device=torch_device, lr=lr,
                   batch_size=batch_size, rng=rng, classes=len(names), unlabelled=unlabelled, pool=pool,
                   warmup=steps_per_epoch)
