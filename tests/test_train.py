@@ -373,3 +373,44 @@ def test_unlabelled_modes_train_and_are_recorded(data, mode):
                    **{**FAST, "steps_per_epoch": 4})
     assert result.provenance["recipe"]["unlabelled"] == mode
     assert np.isfinite(result.metrics["loss_last"]) and result.metrics["final_voxels"] == scribbles.total
+
+
+def test_em_recovers_the_class_priors_of_unlabelled_voxels():
+    from pipeline.train.priors import em_priors
+
+    rng = np.random.default_rng(0)
+    truth_prior, train_prior = np.array([0.75, 0.23, 0.02]), np.array([1 / 3, 1 / 3, 1 / 3])
+    y = rng.choice(3, size=40_000, p=truth_prior)
+    # posteriors of a decent classifier trained under a uniform prior: likelihoods of 1-D Gaussians
+    x = rng.normal(loc=np.array([0.0, 2.0, -2.0])[y], scale=0.8)
+    lik = np.exp(-0.5 * ((x[None, :] - np.array([0.0, 2.0, -2.0])[:, None]) / 0.8) ** 2)
+    post = lik * train_prior[:, None]
+    post /= post.sum(0, keepdims=True)
+    est = em_priors(post, train_prior)
+    assert np.allclose(est, truth_prior, atol=0.01) and not np.allclose(post.mean(1), truth_prior, atol=0.05)
+
+
+@pytest.mark.parametrize("arch", sorted(a for a in ARCHITECTURES if not a.startswith("test_")))
+def test_prior_shift_moves_exactly_the_output_bias(arch):
+    from pipeline.models import build_model
+    from pipeline.train.priors import output_bias
+
+    model = build_model(arch, {**SMALL.get(arch, {}), "classes": 3, "in_channels": 1}).eval()
+    bias = output_bias(model, 3)
+    assert bias is not None, arch
+    h = model.halo
+    x = torch.randn(1, 1, 3 + 2 * h, 4 + 2 * h, 4 + 2 * h)
+    with torch.no_grad():
+        before = model(x)
+        bias += torch.tensor([0.5, -1.0, 2.0])
+        after = model(x)
+    assert torch.allclose(after - before, torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1, 1).expand_as(before),
+                          atol=1e-5)
+
+
+def test_prior_shift_is_recorded_and_can_be_turned_off(data):
+    on = train(data["scan"], data["ann"], data["tmp"] / "prior_on", epochs=1, **FAST)
+    off = train(data["scan"], data["ann"], data["tmp"] / "prior_off", epochs=1, prior_shift=False, **FAST)
+    m = on.metrics
+    assert len(m["prior_scan"]) == 2 and abs(sum(m["prior_scan"]) - 1) < 1e-3 and m["prior_shift"] is not None
+    assert "prior_scan" not in off.metrics and off.provenance["recipe"]["prior_shift"] is False

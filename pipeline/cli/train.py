@@ -68,6 +68,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="share of each class's labelled voxels held out for validation as whole strokes, at most "
                    f"0.2 (default {DEFAULT_VAL_FRACTION:g}; none for a class with fewer than 3 strokes; 0 turns "
                    "validation off); after early stopping, training continues on all labels")
+    p.add_argument("--no-prior-shift", dest="prior_shift", action="store_false",
+                   help="keep the class priors of training; by default the scan's class priors are estimated on "
+                   "unlabelled voxels (EM) after training and folded into the output bias")
     p.add_argument("--unlabelled", choices=MODES, default=DEFAULT_MODE,
                    help=f"use of the unlabelled voxels (default {DEFAULT_MODE}): pseudo: confident pseudo-labels on "
                    "unlabelled slabs under random flips/rotations; windows: the same on the training windows; "
@@ -146,7 +149,7 @@ def _train(args: argparse.Namespace) -> int:
         minutes=args.minutes, epochs=args.epochs, seed=args.seed, device=args.device, batch_size=args.batch_size,
         patch=args.patch, val_fraction=args.val_fraction, patience=args.patience, steps_per_epoch=args.steps_per_epoch,
         threads=args.threads, overwrite=args.overwrite, unlabelled=args.unlabelled,
-        reporter=TrainingBar(unit="step" if args.epochs else "s"),
+        prior_shift=args.prior_shift, reporter=TrainingBar(unit="step" if args.epochs else "s"),
     )
     print(summary_line(r))
     return 0
@@ -162,6 +165,8 @@ def summary_line(r: TrainResult) -> str:
             f"({m.get('stopped')})")
     if m.get("final_steps"):
         head += f", then {m['final_steps']} steps on all {m.get('final_voxels')} labelled voxels"
+    if m.get("prior_shift"):
+        head += "; scan class priors " + " / ".join(f"{v:.3f}" for v in m["prior_scan"]) + " (unlabelled voxels, EM)"
     if "val_accuracy" not in m:
         return f"{head}; no validation (fewer than 3 strokes per class or --val-fraction 0)"
     ious = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in m["val_iou"].items())

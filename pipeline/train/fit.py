@@ -57,6 +57,7 @@ class Fit:
         self.epochs = self.steps = self.final_steps = 0
         self.has_val = any(pl.val_windows for pl in planes)
         self.confident = 0.0
+        self.class_counts = np.zeros(classes, dtype=np.int64)  # supervised voxels per class, all steps
 
     def step(self) -> tuple[float, int, int]:
         """One optimiser step; returns (labelled loss, correct, supervised voxels)."""
@@ -72,6 +73,9 @@ class Fit:
             groups.setdefault(xg.shape, []).append((xg, y))
         self.opt.zero_grad(set_to_none=True)
         n = sum(int((y >= 0).sum()) for g in groups.values() for _, y in g)
+        for g in groups.values():
+            for _, y in g:
+                self.class_counts += np.bincount(y[y >= 0].ravel(), minlength=self.k)[: self.k]
         total, correct = 0.0, 0
         for group in groups.values():
             jittered = [intensity(g[0], self.offset, self.scale, self.rng) for g in group]

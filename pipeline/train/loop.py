@@ -26,9 +26,11 @@ Recipe (modules of :mod:`pipeline.train`):
   at most 20 % of each class's labelled voxels, none for a class with fewer than 3 strokes;
 * :mod:`~pipeline.train.fit`: Adam (:mod:`~pipeline.train.optim`), learning rate halved when
   validation stalls, early stopping, best weights, then training continues on ALL labels;
-* :mod:`~pipeline.train.unlabelled`: optional use of the unlabelled voxels (confident
+* :mod:`~pipeline.train.priors`: the unlabelled voxels give the scan's class priors (EM on the
+  model's posteriors), folded into the output bias (``prior_shift=True``, the default);
+* :mod:`~pipeline.train.unlabelled`: optional losses on unlabelled voxels (confident
   pseudo-labels under random symmetries, or entropy minimisation); off by default
-  (``unlabelled="none"``): it did not win by measurement on scribbles.
+  (``unlabelled="none"``): they did not win by measurement on scribbles.
 
 Reproducibility: the same seed, inputs and ``epochs`` (no ``minutes``) give the same weights on
 the same machine, thread count and torch build. A wall-clock budget (``minutes``) stops after a
@@ -62,8 +64,9 @@ from pipeline.segment.predict import resolve_device
 from pipeline.train.annotations import AXES, Annotations, load_annotations
 from pipeline.train.fit import FINAL_SHARE, Fit
 from pipeline.train.optim import Adam
+from pipeline.train.priors import shift_priors
 from pipeline.train.sampling import Sampler, patch_size, read_plane
-from pipeline.train.unlabelled import DEFAULT_MODE, MODES, UnlabelledPool
+from pipeline.train.unlabelled import DEFAULT_MODE, MODES, POOL, UnlabelledPool
 from pipeline.train.validation import MAX_FRACTION, MIN_STROKES, split_strokes
 
 logger = logging.getLogger(__name__)
@@ -76,6 +79,8 @@ DEFAULT_PATIENCE = 6
 DEFAULT_LR = 3e-3
 STEPS_PER_EPOCH = 50
 DEFAULT_VAL_FRACTION = MAX_FRACTION
+PRIOR_RESERVE_S = 15.0  # seconds of a time budget kept for the class-prior estimate
+PRIOR_SLABS = 24  # unlabelled slabs for the class-prior estimate when no unlabelled loss needs more
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ def train(
     reporter: Reporter | None = None,
     overwrite: bool = False,
     unlabelled: str = DEFAULT_MODE,
+    prior_shift: bool = True,
 ) -> TrainResult:
     """Train ``arch`` on ``annotations`` of ``scan`` and save the bundle to ``output_dir``.
 
@@ -154,6 +160,8 @@ def train(
             :data:`pipeline.train.unlabelled.MODES` (``pseudo``: confident pseudo-labels on
             unlabelled slabs under random symmetries; ``windows``: the same on the training
             windows; ``entropy``; ``none``, the default).
+        prior_shift: after training, estimate the scan's class priors on unlabelled slabs (EM)
+            and fold the correction into the output bias (:mod:`pipeline.train.priors`).
 
     Returns:
         :class:`TrainResult`.
@@ -201,8 +209,11 @@ def train(
         logger.info("training %s (halo %d, %d parameters) on %d planes: %d training, %d validation voxels "
                     "(%s strokes held out per class)", arch, h, model.n_parameters(), len(planes), sampler.n_train,
                     n_val, split["held_strokes"])
-        pool = (UnlabelledPool(image.array, shape, sorted({pl.axis for pl in ann.planes}), h, size, rng)
-                if unlabelled in ("pseudo", "entropy") else None)
+        axes = sorted({pl.axis for pl in ann.planes})
+        pool = None
+        if unlabelled in ("pseudo", "entropy") or prior_shift:
+            pool = UnlabelledPool(image.array, shape, axes, h, size, rng,
+                                  n=POOL if unlabelled in ("pseudo", "entropy") else PRIOR_SLABS)
         fit = Fit(model, planes, sampler, offset=offset, scale=scale, device=torch_device, lr=lr,
                   batch_size=batch_size, rng=rng, classes=len(names), unlabelled=unlabelled, pool=pool,
                   warmup=steps_per_epoch)
@@ -212,15 +223,20 @@ def train(
                 q.merge_validation()
             return Sampler(planes, len(names), size, rng)
 
-        deadline = t_start + minutes * 60.0 if minutes is not None else math.inf
+        if minutes is not None:
+            deadline = t_start + minutes * 60.0 - (min(PRIOR_RESERVE_S, 5.0 * minutes) if prior_shift else 0.0)
+        else:
+            deadline = math.inf
         history = fit.run(start=t_start, deadline=deadline, epochs=epochs, steps_per_epoch=steps_per_epoch,
                           patience=patience, reporter=reporter, names=names, on_all_labels=on_all_labels)
         model.load_state_dict(fit.best_state)
+        priors = (shift_priors(model, pool, fit.class_counts, offset=offset, scale=scale, device=torch_device)
+                  if prior_shift and pool is not None else {})
         model = model.cpu().eval()
     seconds = time.perf_counter() - t_start
     metrics = {**history, "train_voxels": sampler.n_train, "final_voxels": fit.sampler.n_train,
                "val_held": {name: split["held"][k] for k, name in enumerate(names)},
-               "val_strokes": {name: split["held_strokes"][k] for k, name in enumerate(names)}}
+               "val_strokes": {name: split["held_strokes"][k] for k, name in enumerate(names)}, **priors}
     provenance = {
         "kind": "trained",
         "scan": str(Path(scan).resolve()),
@@ -241,7 +257,7 @@ def train(
         "recipe": {"batch_size": batch_size, "patch": size, "lr": lr, "val_fraction": val_fraction,
                    "patience": patience, "steps_per_epoch": steps_per_epoch, "minutes": minutes, "epochs": epochs,
                    "val_split": "strokes", "val_max_fraction": MAX_FRACTION, "val_min_strokes": MIN_STROKES,
-                   "final_share": FINAL_SHARE, "unlabelled": unlabelled},
+                   "final_share": FINAL_SHARE, "unlabelled": unlabelled, "prior_shift": prior_shift},
         "metrics": metrics,
         "studios_version": __version__,
         "torch_version": torch.__version__,
