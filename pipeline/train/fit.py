@@ -68,13 +68,13 @@ class Fit:
             i, u0, v0 = self.sampler.window()
             pl = self.planes[i]
             xr, yr = patch(pl, u0, v0, s, s, h, pl.train)
-            g = symmetry(self.rng)
-            xg, y = apply_symmetry(xr, g), np.ascontiguousarray(apply_symmetry(yr, g))
+            sym = symmetry(self.rng)
+            xg, y = apply_symmetry(xr, sym), np.ascontiguousarray(apply_symmetry(yr, sym))
             groups.setdefault(xg.shape, []).append((xg, y))
         self.opt.zero_grad(set_to_none=True)
-        n = sum(int((y >= 0).sum()) for g in groups.values() for _, y in g)
-        for g in groups.values():
-            for _, y in g:
+        n = sum(int((y >= 0).sum()) for members in groups.values() for _, y in members)
+        for members in groups.values():
+            for _, y in members:
                 self.class_counts += np.bincount(y[y >= 0].ravel(), minlength=self.k)[: self.k]
         total, correct = 0.0, 0
         for group in groups.values():

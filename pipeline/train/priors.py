@@ -69,8 +69,11 @@ def pool_posteriors(model: torch.nn.Module, pool: UnlabelledPool, *, offset: flo
 def output_bias(model: torch.nn.Module, k: int) -> torch.nn.Parameter | None:
     """The bias of the output layer: the last registered ``(k,)`` bias whose shift moves every
     output logit by exactly that shift (checked on a small input); None if there is none."""
-    candidates = [m.bias for m in model.modules() if isinstance(getattr(m, "bias", None), torch.nn.Parameter)
-                  and tuple(m.bias.shape) == (k,)]
+    candidates: list[torch.nn.Parameter] = []
+    for m in model.modules():
+        b = getattr(m, "bias", None)
+        if isinstance(b, torch.nn.Parameter) and tuple(b.shape) == (k,):
+            candidates.append(b)
     if not candidates:
         return None
     bias = candidates[-1]
@@ -81,12 +84,12 @@ def output_bias(model: torch.nn.Module, k: int) -> torch.nn.Parameter | None:
         was = model.training
         model.eval()
         before = model(x)
-        bias += delta
+        bias.add_(delta)
         after = model(x)
-        bias -= delta
+        bias.sub_(delta)
         model.train(was)
     ok = torch.allclose(after - before, delta.view(1, k, 1, 1, 1).expand_as(before), atol=1e-4)
-    return bias if ok else None
+    return bias if bool(ok) else None
 
 
 def shift_priors(model: torch.nn.Module, pool: UnlabelledPool, train_counts: np.ndarray[Any, Any], *,
@@ -111,7 +114,7 @@ def shift_priors(model: torch.nn.Module, pool: UnlabelledPool, train_counts: np.
         return info
     shift = np.log(pi / pt)
     with torch.no_grad():
-        bias += torch.as_tensor(shift, dtype=bias.dtype, device=bias.device)
+        bias.add_(torch.as_tensor(shift, dtype=bias.dtype, device=bias.device))
     info["prior_shift"] = [round(float(v), 5) for v in shift]
     logger.info("class priors: trained on %s, scan estimate %s", info["prior_train"], info["prior_scan"])
     return info
