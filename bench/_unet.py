@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.train.loop import AUG_NOISE, AUG_OFFSET, AUG_SCALE  # the studios trainer's augmentation
+from pipeline.train.sampling import AUG_NOISE, AUG_OFFSET, AUG_SCALE  # the studios trainer's augmentation
 
 TRAIN_PATCH = (16, 64, 64)  # (z, y, x); every edge a multiple of 8 (three stride-2 levels)
 ROI = (32, 64, 64)

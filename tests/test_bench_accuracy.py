@@ -42,3 +42,21 @@ def test_multi_otsu_names_bins_by_the_annotations():
     assert pred.dtype == np.uint8 and set(np.unique(pred)) <= {1, 2, 3}
     agree = np.mean(pred[ann == 0] == ph.labels[ann == 0])
     assert agree > 0.8 and info["params"] == 2
+
+
+def test_quick_mode_runs_scribble_and_cross_image_rows(tmp_path):
+    """``--quick``: a real (tiny) run of the scribble phantom rows and the InSegt glass -> slices case."""
+    import json
+    import subprocess
+
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "accuracy.py"), "--quick", "--work", str(tmp_path),
+                          "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    scribble = [r for r in rows if r.get("annotation") == "scribbles"]
+    assert {r["method"] for r in scribble} == {"dilated_resnet", "multi_otsu", "random_forest"}
+    assert all(0 < r["annotated"] < 32 * 32 and r["scored_voxels"] == 32**3 - r["annotated"] for r in scribble)
+    cross = [r for r in rows if r["case"] == "insegt-glass->slices"]
+    assert len(cross) == 3 and all(0.0 <= r["mean_iou"] <= 1.0 for r in cross)
+    assert "scribbles on 1" in run.stdout and "insegt-glass->slices" in run.stdout

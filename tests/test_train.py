@@ -217,7 +217,9 @@ def test_learns_a_separable_volume_and_bundle_segments_exactly(data):
     m = result.metrics
     assert m["loss_last"] < m["loss_first"]
     assert m["val_accuracy"] > 0.9 and m["val_voxels"] > 0 and set(m["val_iou"]) == {"matrix", "blob"}
-    assert result.steps == 40 and result.epochs == 4 and reporter.advanced == 40
+    # 4 validated epochs, then training continues on all labels (held-out strokes included)
+    assert result.epochs == 4 and m["final_steps"] >= 10 and result.steps == 40 + m["final_steps"]
+    assert reporter.advanced == result.steps and m["final_voxels"] == data["ann"].total > m["train_voxels"]
     bundle = load_bundle(result.bundle_path)
     prov = bundle.provenance
     assert bundle.classes == ("matrix", "blob") and prov["seed"] == 0 and prov["arch"] == "dilated_resnet"
@@ -240,7 +242,7 @@ def test_every_registered_architecture_trains(data, arch):
     result = train(data["scan"], data["ann"], data["tmp"] / f"arch_{arch}", arch=arch, epochs=1,
                    **{**FAST, "params": SMALL.get(arch, {}), "steps_per_epoch": 2})
     bundle = load_bundle(result.bundle_path)
-    assert bundle.arch == arch and result.steps == 2
+    assert bundle.arch == arch and result.steps == 2 + result.metrics["final_steps"]
 
 
 def test_more_class_names_than_labels_warns_and_trains(data, caplog):
@@ -256,6 +258,8 @@ def test_training_option_errors(data):
         train(data["scan"], data["ann"], data["tmp"] / "x", epochs=0)
     with pytest.raises(ConfigError):
         train(data["scan"], data["ann"], data["tmp"] / "x", val_fraction=1.0)
+    with pytest.raises(ConfigError, match="unlabelled"):
+        train(data["scan"], data["ann"], data["tmp"] / "x", unlabelled="magic", epochs=1)
     with pytest.raises(InputError):  # annotations for another shape
         train(data["scan"], from_array(np.arange(64, dtype=np.uint8).reshape(4, 4, 4) % 2 + 1), data["tmp"] / "x", epochs=1)
     with pytest.raises(InputError):  # labels beyond the named classes
@@ -285,6 +289,7 @@ def test_cli_train_and_bad_input(data):
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("wrote ") and "mean IoU" in ok.stdout and len(ok.stdout.strip().splitlines()) == 1
+    assert "held-out voxels (" in ok.stdout and "steps on all" in ok.stdout
     assert load_bundle(tmp / "cli_model").classes == ("dark", "bright")
     np.save(tmp / "wrong.npy", np.ones((3, 3, 3), np.uint8))
     bad = subprocess.run([*base, str(tmp / "wrong.npy"), str(tmp / "cli_bad"), *opts],
@@ -293,3 +298,119 @@ def test_cli_train_and_bad_input(data):
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("studios: error:") and "wrong.npy" in lines[0]
     assert not (tmp / "cli_bad").exists()
+
+
+# --------------------------------------------------------------------------- scribbles
+
+
+def test_stroke_split_holds_out_whole_strokes_within_the_cap_per_class():
+    from pipeline.train.sampling import Plane
+    from pipeline.train.validation import MAX_FRACTION, split_strokes, strokes
+
+    labels = np.full((60, 80), -1, np.int64)
+    for j in range(6):  # class 0: six short strokes; class 1: five; class 2: two (too few)
+        labels[5 + 9 * j, 3:9] = 0
+    for j in range(5):
+        labels[4 + 11 * j : 7 + 11 * j, 40:43] = 1
+    labels[10, 66:76] = 2
+    labels[40, 66:76] = 2
+    planes = [Plane(axis=0, index=0, origin=(0, 0), slab=np.zeros((1, 60, 80)), train=labels.copy(),
+                    val=np.full_like(labels, -1), val_windows=[])]
+    summary = split_strokes(planes, 0.5, np.random.default_rng(0), 3, size=32)
+    pl = planes[0]
+    assert np.array_equal(np.where(pl.val >= 0, pl.val, pl.train), labels)  # nothing lost or changed
+    for c in range(3):
+        total = int((labels == c).sum())
+        held = int((pl.val == c).sum())
+        assert held == summary["held"][c] <= MAX_FRACTION * total  # the cap is 0.2 whatever is asked
+        assert (pl.train == c).sum() > 0  # every class keeps training voxels
+        ids, n = strokes(labels, c)
+        for s in range(1, n + 1):  # each stroke wholly in training or wholly held out
+            assert len(set(pl.val[ids == s].tolist())) == 1
+    assert summary["held"][0] == 6 and summary["held"][1] == 9  # one stroke each (20 % of 36 / 45)
+    assert summary["held"][2] == 0 and summary["strokes"][2] == 2  # fewer than 3 strokes: none held
+    assert pl.val_windows and all((pl.val[u : u + a, v : v + b] >= 0).any() for u, v, a, b in pl.val_windows)
+    again = [Plane(axis=0, index=0, origin=(0, 0), slab=np.zeros((1, 60, 80)), train=labels.copy(),
+                   val=np.full_like(labels, -1), val_windows=[])]
+    assert split_strokes(again, 0.0, np.random.default_rng(0), 3, size=32)["held"] == [0, 0, 0]
+    assert not again[0].val_windows
+
+
+def test_make_scribbles_draws_short_strokes_inside_the_classes():
+    from pipeline.testing.phantom import make_phantom
+    from pipeline.testing.scribbles import make_scribbles, slice_indices
+
+    ph = make_phantom((64, 64, 64), seed=2)
+    s = make_scribbles(ph.labels, 3, seed=5)
+    assert s.dtype == np.uint8 and s.shape == ph.labels.shape
+    assert np.array_equal(s, make_scribbles(ph.labels, 3, seed=5))  # seeded
+    assert not np.array_equal(s, make_scribbles(ph.labels, 3, seed=6))
+    z = slice_indices(64, 3)
+    assert set(np.nonzero(s.any(axis=(1, 2)))[0]) == set(z.tolist())  # only the chosen slices
+    lab = s > 0
+    assert np.array_equal(s[lab], ph.labels[lab])  # every scribbled voxel has its true class
+    for i in z:  # off the boundaries: where a class's eroded mask exists, strokes stay inside it
+        for c in (1, 2, 3):
+            inner = ndimage.binary_erosion(ph.labels[i] == c)
+            if inner.any():
+                assert inner[s[i] == c].all()
+    per_class = np.bincount(s[lab], minlength=4)[1:]
+    assert (per_class > 0).all() and 60 <= lab.sum() <= 3 * 3 * 10 * 5  # ~10 strokes of 5 px per class
+    wide = make_scribbles(ph.labels, 1, width=3, strokes=4, seed=1)
+    assert (wide > 0).sum() > (make_scribbles(ph.labels, 1, width=1, strokes=4, seed=1) > 0).sum()
+    with pytest.raises(InputError):
+        make_scribbles(ph.labels, 0)
+    with pytest.raises(InputError):
+        make_scribbles(ph.labels.astype(np.float32), 3)
+
+
+@pytest.mark.parametrize("mode", ["pseudo", "entropy", "none"])
+def test_unlabelled_modes_train_and_are_recorded(data, mode):
+    from pipeline.testing.scribbles import make_scribbles
+
+    scribbles = from_array(make_scribbles(data["labels"], 2, strokes=4, length=4, seed=1), source="scribbles")
+    result = train(data["scan"], scribbles, data["tmp"] / f"unl_{mode}", epochs=2, unlabelled=mode,
+                   **{**FAST, "steps_per_epoch": 4})
+    assert result.provenance["recipe"]["unlabelled"] == mode
+    assert np.isfinite(result.metrics["loss_last"]) and result.metrics["final_voxels"] == scribbles.total
+
+
+def test_em_recovers_the_class_priors_of_unlabelled_voxels():
+    from pipeline.train.priors import em_priors
+
+    rng = np.random.default_rng(0)
+    truth_prior, train_prior = np.array([0.75, 0.23, 0.02]), np.array([1 / 3, 1 / 3, 1 / 3])
+    y = rng.choice(3, size=40_000, p=truth_prior)
+    # posteriors of a decent classifier trained under a uniform prior: likelihoods of 1-D Gaussians
+    x = rng.normal(loc=np.array([0.0, 2.0, -2.0])[y], scale=0.8)
+    lik = np.exp(-0.5 * ((x[None, :] - np.array([0.0, 2.0, -2.0])[:, None]) / 0.8) ** 2)
+    post = lik * train_prior[:, None]
+    post /= post.sum(0, keepdims=True)
+    est = em_priors(post, train_prior)
+    assert np.allclose(est, truth_prior, atol=0.01) and not np.allclose(post.mean(1), truth_prior, atol=0.05)
+
+
+@pytest.mark.parametrize("arch", sorted(a for a in ARCHITECTURES if not a.startswith("test_")))
+def test_prior_shift_moves_exactly_the_output_bias(arch):
+    from pipeline.models import build_model
+    from pipeline.train.priors import output_bias
+
+    model = build_model(arch, {**SMALL.get(arch, {}), "classes": 3, "in_channels": 1}).eval()
+    bias = output_bias(model, 3)
+    assert bias is not None, arch
+    h = model.halo
+    x = torch.randn(1, 1, 3 + 2 * h, 4 + 2 * h, 4 + 2 * h)
+    with torch.no_grad():
+        before = model(x)
+        bias += torch.tensor([0.5, -1.0, 2.0])
+        after = model(x)
+    assert torch.allclose(after - before, torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1, 1).expand_as(before),
+                          atol=1e-5)
+
+
+def test_prior_shift_is_recorded_and_can_be_turned_off(data):
+    on = train(data["scan"], data["ann"], data["tmp"] / "prior_on", epochs=1, **FAST)
+    off = train(data["scan"], data["ann"], data["tmp"] / "prior_off", epochs=1, prior_shift=False, **FAST)
+    m = on.metrics
+    assert len(m["prior_scan"]) == 2 and abs(sum(m["prior_scan"]) - 1) < 1e-3 and m["prior_shift"] is not None
+    assert "prior_scan" not in off.metrics and off.provenance["recipe"]["prior_shift"] is False

@@ -31,7 +31,15 @@ USAGE = "studios train [options] SCAN [ANNOTATIONS] MODEL_DIR [--slice AXIS:INDE
 
 @command("train")
 def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from pipeline.train.loop import DEFAULT_BATCH, DEFAULT_MINUTES, DEFAULT_PATCH, DEFAULT_PATIENCE, STEPS_PER_EPOCH
+    from pipeline.train.loop import (
+        DEFAULT_BATCH,
+        DEFAULT_MINUTES,
+        DEFAULT_PATCH,
+        DEFAULT_PATIENCE,
+        DEFAULT_VAL_FRACTION,
+        STEPS_PER_EPOCH,
+    )
+    from pipeline.train.unlabelled import DEFAULT_MODE, MODES
 
     p = sub.add_parser(
         "train", usage=USAGE, help="train a model from a few annotated slices",
@@ -58,8 +66,17 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"patches per step (default {DEFAULT_BATCH})")
     p.add_argument("--patch", type=int, default=DEFAULT_PATCH, help=f"output patch edge (default {DEFAULT_PATCH})")
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of labelled voxels held out for validation, as whole tiles (default 0.2)")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help="share of each class's labelled voxels held out for validation as whole strokes, at most "
+                   f"0.2 (default {DEFAULT_VAL_FRACTION:g}; none for a class with fewer than 3 strokes; 0 turns "
+                   "validation off); after early stopping, training continues on all labels")
+    p.add_argument("--no-prior-shift", dest="prior_shift", action="store_false",
+                   help="keep the class priors of training; by default the scan's class priors are estimated on "
+                   "unlabelled voxels (EM) after training and folded into the output bias")
+    p.add_argument("--unlabelled", choices=MODES, default=DEFAULT_MODE,
+                   help=f"use of the unlabelled voxels (default {DEFAULT_MODE}): pseudo: confident pseudo-labels on "
+                   "unlabelled slabs under random flips/rotations; windows: the same on the training windows; "
+                   "entropy: entropy minimisation; none: labelled voxels only")
     p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
                    help=f"epochs without validation improvement before stopping (default {DEFAULT_PATIENCE})")
     p.add_argument("--steps-per-epoch", type=int, default=STEPS_PER_EPOCH,
@@ -134,7 +151,8 @@ def _train(args: argparse.Namespace) -> int:
         classes=args.classes or (list(annotations.names) or None),
         minutes=args.minutes, epochs=args.epochs, seed=args.seed, device=args.device, batch_size=args.batch_size,
         patch=args.patch, val_fraction=args.val_fraction, patience=args.patience, steps_per_epoch=args.steps_per_epoch,
-        threads=args.threads, overwrite=args.overwrite, reporter=TrainingBar(unit="step" if args.epochs else "s"),
+        threads=args.threads, overwrite=args.overwrite, unlabelled=args.unlabelled,
+        prior_shift=args.prior_shift, reporter=TrainingBar(unit="step" if args.epochs else "s"),
     )
     print(summary_line(r))
     return 0
@@ -144,11 +162,18 @@ def summary_line(r: TrainResult) -> str:
     """One line: where, what, how long, validation metrics."""
     m, prov = r.metrics, r.provenance
     epochs = f"{r.epochs} epoch{'s' * (r.epochs != 1)}"
+    validated = r.steps - int(m.get("final_steps") or 0)
     head = (f"wrote {r.bundle_path}: {prov.get('arch')} (halo {r.halo}, {prov.get('parameters')} parameters), "
-            f"{len(r.classes)} classes, {epochs} / {r.steps} steps in {r.seconds:.1f}s ({m.get('stopped')})")
+            f"{len(r.classes)} classes, {epochs} / {validated} steps in {r.seconds:.1f}s "
+            f"({m.get('stopped')})")
+    if m.get("final_steps"):
+        head += f", then {m['final_steps']} steps on all {m.get('final_voxels')} labelled voxels"
+    if m.get("prior_shift"):
+        head += "; scan class priors " + " / ".join(f"{v:.3f}" for v in m["prior_scan"]) + " (unlabelled voxels, EM)"
     if "val_accuracy" not in m:
-        return f"{head}; no validation (too few labelled tiles or --val-fraction 0)"
+        return f"{head}; no validation (fewer than 3 strokes per class or --val-fraction 0)"
     ious = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in m["val_iou"].items())
-    return (f"{head}; validation on {m['val_voxels']} held-out voxels: accuracy {m['val_accuracy']:.3f}, "
-            f"mean IoU {m['val_mean_iou']:.3f} ({ious})")
+    strokes = sum((m.get("val_strokes") or {}).values())
+    return (f"{head}; validation on {m['val_voxels']} held-out voxels ({strokes} strokes): accuracy "
+            f"{m['val_accuracy']:.3f}, mean IoU {m['val_mean_iou']:.3f} ({ious})")
 

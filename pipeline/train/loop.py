@@ -16,15 +16,21 @@ Inputs are read from the scan with the inference border rule (edge replication w
 crosses the volume border, see :mod:`pipeline.segment.predict`) and normalised with the bundle's
 global affine map of the scan statistics, so training sees exactly what inference will.
 
-Recipe: class-balanced patch centres (a class, then one of its labelled voxels, then a jittered
-window around it); augmentations valid for tomograms (flips on every axis, 90 degree rotations
-about z, the tomographic axis; small intensity scale/offset and Gaussian noise), identical for
-input and labels; masked cross-entropy on labelled voxels only; Adam; validation on held-out
-annotated voxels, split spatially by tiles of ``VAL_TILE`` voxels (whole tiles go to validation,
-so held-out voxels are not interleaved with training voxels); the learning rate halves when
-validation stalls, training stops early after ``patience`` epochs without improvement, and the
-best weights (lowest validation loss) are kept. An *epoch* is ``steps_per_epoch`` optimiser steps
-followed by validation.
+Recipe (modules of :mod:`pipeline.train`):
+
+* :mod:`~pipeline.train.sampling`: class-balanced patch centres (a class, then one of its
+  labelled voxels, then a jittered window around it); augmentations valid for tomograms (flips
+  on every axis, 90 degree rotations about z, the tomographic axis; small intensity scale/offset
+  and Gaussian noise), identical for input and labels; masked cross-entropy on labelled voxels;
+* :mod:`~pipeline.train.validation`: whole strokes (connected components per class) held out,
+  at most 20 % of each class's labelled voxels, none for a class with fewer than 3 strokes;
+* :mod:`~pipeline.train.fit`: Adam (:mod:`~pipeline.train.optim`), learning rate halved when
+  validation stalls, early stopping, best weights, then training continues on ALL labels;
+* :mod:`~pipeline.train.priors`: the unlabelled voxels give the scan's class priors (EM on the
+  model's posteriors), folded into the output bias (``prior_shift=True``, the default);
+* :mod:`~pipeline.train.unlabelled`: optional losses on unlabelled voxels (confident
+  pseudo-labels under random symmetries, or entropy minimisation); off by default
+  (``unlabelled="none"``): they did not win by measurement on scribbles.
 
 Reproducibility: the same seed, inputs and ``epochs`` (no ``minutes``) give the same weights on
 the same machine, thread count and torch build. A wall-clock budget (``minutes``) stops after a
@@ -46,21 +52,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline import __version__
-from pipeline.core import interrupt
 from pipeline.core.errors import ConfigError, InputError, OutputExistsError
-from pipeline.core.geometry import Box
-from pipeline.core.metrics import scores
-from pipeline.core.normalize import Normalization, apply_affine
+from pipeline.core.normalize import Normalization
 from pipeline.core.progress import NullReporter, Reporter
-from pipeline.core.tiling import Block
 from pipeline.io.bundle import from_model, save_bundle
-from pipeline.io.store import open_image, read_padded
-from pipeline.models import DEFAULT_ARCH, StridefreeModel, build_model
+from pipeline.io.store import open_image
+from pipeline.models import DEFAULT_ARCH, build_model
 from pipeline.segment.predict import resolve_device
 from pipeline.train.annotations import AXES, Annotations, load_annotations
+from pipeline.train.fit import FINAL_SHARE, Fit
+from pipeline.train.optim import Adam
+from pipeline.train.priors import shift_priors
+from pipeline.train.sampling import Sampler, patch_size, read_plane
+from pipeline.train.unlabelled import DEFAULT_MODE, MODES, POOL, UnlabelledPool
+from pipeline.train.validation import MAX_FRACTION, MIN_STROKES, split_strokes
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +78,9 @@ DEFAULT_PATCH = 48
 DEFAULT_PATIENCE = 6
 DEFAULT_LR = 3e-3
 STEPS_PER_EPOCH = 50
-VAL_TILE = 32
-PLATEAU = 3  # epochs without improvement before the learning rate halves
-MIN_LR = 1e-5
-SAVE_RESERVE_S = 1.0  # seconds kept free at the end of a time budget to write the bundle
-AUG_SCALE, AUG_OFFSET, AUG_NOISE = 0.1, 0.05, 0.03  # in normalised units (percentile range = 1)
+DEFAULT_VAL_FRACTION = MAX_FRACTION
+PRIOR_RESERVE_S = 15.0  # seconds of a time budget kept for the class-prior estimate
+PRIOR_SLABS = 24  # unlabelled slabs for the class-prior estimate when no unlabelled loss needs more
 
 
 @dataclass(frozen=True)
@@ -102,24 +107,6 @@ class TrainResult:
     provenance: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-@dataclass
-class _Plane:
-    """One labelled plane, canonical layout (plane normal first), cropped to its labels.
-
-    ``slab``: (1 + 2h, A + 2h, B + 2h) raw scan values around the region ``A x B`` that starts
-    at ``origin`` in plane coordinates. ``train``/``val``: (A, B) int64 class index (label - 1),
-    -1 where not used.
-    """
-
-    axis: int
-    index: int
-    origin: tuple[int, int]
-    slab: np.ndarray[Any, Any]
-    train: np.ndarray[Any, Any]
-    val: np.ndarray[Any, Any]
-    val_tiles: list[tuple[int, int, int, int]]
-
-
 def train(
     scan: str | os.PathLike[str],
     annotations: Annotations | str | os.PathLike[str],
@@ -134,7 +121,7 @@ def train(
     device: str = "cpu",
     batch_size: int = DEFAULT_BATCH,
     patch: int = DEFAULT_PATCH,
-    val_fraction: float = 0.2,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     patience: int = DEFAULT_PATIENCE,
     lr: float = DEFAULT_LR,
     normalization: Normalization | None = None,
@@ -142,6 +129,8 @@ def train(
     threads: int | None = None,
     reporter: Reporter | None = None,
     overwrite: bool = False,
+    unlabelled: str = DEFAULT_MODE,
+    prior_shift: bool = True,
 ) -> TrainResult:
     """Train ``arch`` on ``annotations`` of ``scan`` and save the bundle to ``output_dir``.
 
@@ -157,7 +146,8 @@ def train(
         seed: seeds weights, sampling, augmentation and the validation split.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         batch_size, patch: patches per step and output patch edge ``P`` (in-plane).
-        val_fraction: share of labelled voxels held out (whole tiles), in ``[0, 0.9]``.
+        val_fraction: share of each class's labelled voxels held out as whole strokes, in
+            ``[0, 0.9]``; capped at ``MAX_FRACTION`` (0.2). 0 turns validation off.
         patience: epochs without validation improvement before stopping.
         normalization: how the bundle scales the scan (default: z-score with the scan's global
             mean and standard deviation).
@@ -166,6 +156,12 @@ def train(
         reporter: progress (steps, or seconds of the ``minutes`` budget); if it also has a
             ``metrics(dict)`` method it receives ``loss``/``acc`` every step and
             ``val acc``/``val mIoU`` every epoch.
+        unlabelled: how the unlabelled voxels are used, one of
+            :data:`pipeline.train.unlabelled.MODES` (``pseudo``: confident pseudo-labels on
+            unlabelled slabs under random symmetries; ``windows``: the same on the training
+            windows; ``entropy``; ``none``, the default).
+        prior_shift: after training, estimate the scan's class priors on unlabelled slabs (EM)
+            and fold the correction into the output bias (:mod:`pipeline.train.priors`).
 
     Returns:
         :class:`TrainResult`.
@@ -175,7 +171,8 @@ def train(
     reporter = reporter or NullReporter()
     out = Path(output_dir)
     _check_options(minutes=minutes, epochs=epochs, batch_size=batch_size, patch=patch,
-                   val_fraction=val_fraction, patience=patience, lr=lr, steps_per_epoch=steps_per_epoch)
+                   val_fraction=val_fraction, patience=patience, lr=lr, steps_per_epoch=steps_per_epoch,
+                   unlabelled=unlabelled)
     image = open_image(scan, kind="scan")
     shape = tuple(int(s) for s in image.shape)
     if len(shape) != 3:
@@ -204,22 +201,42 @@ def train(
         p = {**dict(params or {}), "classes": len(names), "in_channels": 1}
         model = build_model(arch, p).to(torch_device)
         h = model.halo
-        size = _patch_size(patch, shape, ann)
-        planes = [_read_plane(image.array, shape, pl.axis, pl.index, pl.labels, h, size) for pl in ann.planes]
-        _split(planes, val_fraction, rng, len(names))
-        sampler = _Sampler(planes, len(names), size, rng)
-        n_val = sum(int((q.val >= 0).sum()) for q in planes)
-        logger.info("training %s (halo %d, %d parameters) on %d planes: %d training, %d validation voxels",
-                    arch, h, model.n_parameters(), len(planes), sampler.n_train, n_val)
-        loop = _Loop(model, planes, sampler, offset=offset, scale=scale, device=torch_device, lr=lr,
-                     batch_size=batch_size, rng=rng, classes=len(names))
-        deadline = t_start + minutes * 60.0 if minutes is not None else math.inf
-        history = loop.run(start=t_start, deadline=deadline, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                           patience=patience, reporter=reporter, names=names)
-        model.load_state_dict(loop.best_state)
+        size = patch_size(patch, shape, ann)
+        planes = [read_plane(image.array, shape, pl.axis, pl.index, pl.labels, h, size) for pl in ann.planes]
+        split = split_strokes(planes, val_fraction, rng, len(names), size)
+        sampler = Sampler(planes, len(names), size, rng)
+        n_val = int(sum(split["held"]))
+        logger.info("training %s (halo %d, %d parameters) on %d planes: %d training, %d validation voxels "
+                    "(%s strokes held out per class)", arch, h, model.n_parameters(), len(planes), sampler.n_train,
+                    n_val, split["held_strokes"])
+        axes = sorted({pl.axis for pl in ann.planes})
+        pool = None
+        if unlabelled in ("pseudo", "entropy") or prior_shift:
+            pool = UnlabelledPool(image.array, shape, axes, h, size, rng,
+                                  n=POOL if unlabelled in ("pseudo", "entropy") else PRIOR_SLABS)
+        fit = Fit(model, planes, sampler, offset=offset, scale=scale, device=torch_device, lr=lr,
+                  batch_size=batch_size, rng=rng, classes=len(names), unlabelled=unlabelled, pool=pool,
+                  warmup=steps_per_epoch)
+
+        def on_all_labels() -> Sampler:
+            for q in planes:
+                q.merge_validation()
+            return Sampler(planes, len(names), size, rng)
+
+        if minutes is not None:
+            deadline = t_start + minutes * 60.0 - (min(PRIOR_RESERVE_S, 5.0 * minutes) if prior_shift else 0.0)
+        else:
+            deadline = math.inf
+        history = fit.run(start=t_start, deadline=deadline, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                          patience=patience, reporter=reporter, names=names, on_all_labels=on_all_labels)
+        model.load_state_dict(fit.best_state)
+        priors = (shift_priors(model, pool, fit.class_counts, offset=offset, scale=scale, device=torch_device)
+                  if prior_shift and pool is not None else {})
         model = model.cpu().eval()
     seconds = time.perf_counter() - t_start
-    metrics = {**history, "train_voxels": sampler.n_train}
+    metrics = {**history, "train_voxels": sampler.n_train, "final_voxels": fit.sampler.n_train,
+               "val_held": {name: split["held"][k] for k, name in enumerate(names)},
+               "val_strokes": {name: split["held_strokes"][k] for k, name in enumerate(names)}, **priors}
     provenance = {
         "kind": "trained",
         "scan": str(Path(scan).resolve()),
@@ -239,14 +256,16 @@ def train(
         "threads": n_threads,
         "recipe": {"batch_size": batch_size, "patch": size, "lr": lr, "val_fraction": val_fraction,
                    "patience": patience, "steps_per_epoch": steps_per_epoch, "minutes": minutes, "epochs": epochs,
-                   "val_tile": VAL_TILE},
+                   "val_split": "strokes", "val_max_fraction": MAX_FRACTION, "val_min_strokes": MIN_STROKES,
+                   "final_share": FINAL_SHARE, "unlabelled": unlabelled, "prior_shift": prior_shift},
         "metrics": metrics,
         "studios_version": __version__,
         "torch_version": torch.__version__,
     }
     bundle = from_model(model, classes=names, normalization=normalization, provenance=provenance)
     path = save_bundle(bundle, out, overwrite=overwrite)
-    return TrainResult(bundle_path=path, metrics=metrics, seconds=seconds, epochs=loop.epochs, steps=loop.steps,
+    return TrainResult(bundle_path=path, metrics=metrics, seconds=seconds, epochs=fit.epochs,
+                       steps=fit.steps,
                        classes=names, halo=model.halo, provenance=provenance)
 
 
@@ -272,6 +291,8 @@ def _check_options(**opts: Any) -> None:
         raise ConfigError(f"val_fraction {opts['val_fraction']} must lie in [0, 0.9]")
     if not opts["lr"] > 0:
         raise ConfigError(f"lr {opts['lr']} must be positive")
+    if opts["unlabelled"] not in MODES:
+        raise ConfigError(f"unlabelled {opts['unlabelled']!r} must be one of {', '.join(MODES)}")
 
 
 def _class_names(classes: Sequence[str] | None, ann: Annotations) -> tuple[str, ...]:
@@ -289,11 +310,6 @@ def _class_names(classes: Sequence[str] | None, ann: Annotations) -> tuple[str, 
         logger.warning("%s: class %d (%s) has no labelled voxel; the model cannot learn it",
                        ann.source, k, names[k - 1])
     return names
-
-
-def _patch_size(patch: int, shape: tuple[int, ...], ann: Annotations) -> int:
-    dims = [s for pl in ann.planes for a, s in enumerate(shape) if a != pl.axis]
-    return max(1, min(int(patch), *dims))
 
 
 def default_threads() -> int:
@@ -328,299 +344,4 @@ def _torch_settings(threads: int | None, device: torch.device) -> Iterator[int]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved_cudnn
 
 
-def _read_plane(array: Any, shape: tuple[int, ...], axis: int, index: int, labels: np.ndarray[Any, Any],
-                h: int, size: int) -> _Plane:
-    """Read the scan around one labelled plane (edge-padded like inference), cropped to its labels."""
-    dims = [shape[a] for a in range(3) if a != axis]
-    rows, cols = np.nonzero(labels)
-    lo, hi = [], []
-    for coords, n in ((rows, dims[0]), (cols, dims[1])):
-        a0, a1 = max(0, int(coords.min()) - size + 1), min(n, int(coords.max()) + size)
-        if a1 - a0 < size:  # grow to at least one patch, inside the plane
-            a0 = max(0, min(a0, a1 - size))
-            a1 = min(n, a0 + size)
-        lo.append(a0)
-        hi.append(a1)
-    offset = [0, 0, 0]
-    extent = [0, 0, 0]
-    other = [a for a in range(3) if a != axis]
-    offset[axis], extent[axis] = index, 1
-    for k, a in enumerate(other):
-        offset[a], extent[a] = lo[k], hi[k] - lo[k]
-    write = Box(tuple(offset), tuple(extent))
-    data = read_padded(array, Block(index=(0, 0, 0), write=write, read=write.grow(h)), shape)
-    crop = labels[lo[0] : hi[0], lo[1] : hi[1]].astype(np.int64) - 1
-    return _Plane(axis=axis, index=index, origin=(lo[0], lo[1]), slab=np.ascontiguousarray(np.moveaxis(data, axis, 0)),
-                  train=crop, val=np.full_like(crop, -1), val_tiles=[])
-
-
-def _split(planes: list[_Plane], fraction: float, rng: np.random.Generator, k: int) -> None:
-    """Move whole tiles of labelled voxels to validation until ``fraction`` of them is held out.
-
-    Every class with labels keeps some training voxels; tiles are ``VAL_TILE`` square.
-    """
-    tiles = []
-    for i, pl in enumerate(planes):
-        a, b = pl.train.shape
-        for u in range(0, a, VAL_TILE):
-            for v in range(0, b, VAL_TILE):
-                counts = np.bincount(pl.train[u : u + VAL_TILE, v : v + VAL_TILE].ravel() + 1, minlength=k + 1)[1:]
-                if counts.any():
-                    tiles.append((i, u, v, counts))
-    if fraction <= 0 or len(tiles) < 2:
-        return
-    total = np.sum([t[3] for t in tiles], axis=0)
-    order = rng.permutation(len(tiles))
-    chosen: list[int] = []
-    held = np.zeros(k, dtype=np.int64)
-    for j in order:
-        if held.sum() >= fraction * total.sum():
-            break
-        chosen.append(int(j))
-        held += tiles[j][3]
-    for c in range(k):  # every labelled class keeps training examples
-        while total[c] and held[c] >= total[c]:
-            j = max(chosen, key=lambda t: tiles[t][3][c])
-            chosen.remove(j)
-            held -= tiles[j][3]
-    for j in chosen:
-        i, u, v, _ = tiles[j]
-        pl = planes[i]
-        window = (slice(u, u + VAL_TILE), slice(v, v + VAL_TILE))
-        pl.val[window] = pl.train[window]
-        pl.train[window] = -1
-        pl.val_tiles.append((u, v, min(VAL_TILE, pl.train.shape[0] - u), min(VAL_TILE, pl.train.shape[1] - v)))
-
-
-class _Sampler:
-    """Class-balanced training windows: class -> labelled voxel -> jittered window around it."""
-
-    def __init__(self, planes: list[_Plane], k: int, size: int, rng: np.random.Generator) -> None:
-        self.planes, self.size, self.rng = planes, size, rng
-        self.by_class: list[np.ndarray[Any, Any]] = []
-        for c in range(k):
-            parts = [np.column_stack([np.full(len(rc), i), rc]).astype(np.int32) for i, pl in enumerate(planes)
-                     if len(rc := np.argwhere(pl.train == c))]
-            self.by_class.append(np.concatenate(parts) if parts else np.zeros((0, 3), np.int32))
-        self.present = [c for c in range(k) if len(self.by_class[c])]
-        self.n_train = int(sum(len(x) for x in self.by_class))
-        if not self.present:
-            raise InputError("no labelled voxel is left for training; label more voxels")
-
-    def window(self) -> tuple[int, int, int]:
-        """(plane, u0, v0) of a ``size x size`` output window."""
-        cls = self.present[int(self.rng.integers(len(self.present)))]
-        pool = self.by_class[cls]
-        i, u, v = pool[int(self.rng.integers(len(pool)))]
-        pl = self.planes[int(i)]
-        s, j = self.size, max(1, self.size // 4)
-        u0 = int(np.clip(u - s // 2 + self.rng.integers(-j, j + 1), 0, pl.train.shape[0] - s))
-        v0 = int(np.clip(v - s // 2 + self.rng.integers(-j, j + 1), 0, pl.train.shape[1] - s))
-        return int(i), u0, v0
-
-
-def _patch(pl: _Plane, u0: int, v0: int, su: int, sv: int, h: int, labels: np.ndarray[Any, Any]) -> tuple[
-        np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """Input (original axis order) and target (1 thick on the plane axis) for an output window."""
-    x = pl.slab[:, u0 : u0 + su + 2 * h, v0 : v0 + sv + 2 * h]
-    y = labels[None, u0 : u0 + su, v0 : v0 + sv]
-    return np.moveaxis(x, 0, pl.axis), np.moveaxis(y, 0, pl.axis)
-
-
-class Adam:
-    """Adam (Kingma & Ba 2015), the same update as ``torch.optim.Adam`` with default options.
-
-    Written out because the first ``torch.optim`` optimiser of a process imports
-    ``torch._dynamo`` (3 to 15 seconds on a small machine), which every ``studios train`` would pay.
-    """
-
-    def __init__(self, params: Iterator[torch.nn.Parameter], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.lr, self.betas, self.eps, self.t = lr, betas, eps, 0
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1.0 - b1**self.t, 1.0 - b2**self.t
-        for p, m, v in zip(self.params, self.m, self.v, strict=True):
-            if p.grad is None:
-                continue
-            m.mul_(b1).add_(p.grad, alpha=1.0 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1.0 - b2)
-            p.addcdiv_(m, (v.sqrt() / math.sqrt(c2)).add_(self.eps), value=-self.lr / c1)
-
-
-class _Loop:
-    """Optimiser steps, validation, learning-rate halving, early stopping, best weights."""
-
-    def __init__(self, model: StridefreeModel, planes: list[_Plane], sampler: _Sampler, *, offset: float,
-                 scale: float, device: torch.device, lr: float, batch_size: int, rng: np.random.Generator,
-                 classes: int) -> None:
-        self.model, self.planes, self.sampler = model, planes, sampler
-        self.offset, self.scale, self.device, self.rng = offset, scale, device, rng
-        self.batch_size, self.k, self.lr = batch_size, classes, lr
-        self.opt = Adam(model.parameters(), lr=lr)
-        self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.epochs = self.steps = 0
-        self.has_val = any(pl.val_tiles for pl in planes)
-
-    def _augment(self, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> tuple[
-            np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-        for axis in range(3):
-            if self.rng.random() < 0.5:
-                x, y = np.flip(x, axis), np.flip(y, axis)
-        k = int(self.rng.integers(4))
-        if k:
-            x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k, axes=(1, 2))
-        x = apply_affine(x, self.offset, self.scale)
-        x *= np.float32(1.0 + self.rng.uniform(-AUG_SCALE, AUG_SCALE))
-        x += np.float32(self.rng.uniform(-AUG_OFFSET, AUG_OFFSET))
-        sigma = self.rng.uniform(0.0, AUG_NOISE)
-        x += self.rng.normal(0.0, sigma, size=x.shape).astype(np.float32)
-        return x, np.ascontiguousarray(y)
-
-    def step(self) -> tuple[float, int, int]:
-        """One optimiser step; returns (loss, correct, supervised voxels)."""
-        self.model.train()
-        h, s = self.model.halo, self.sampler.size
-        groups: dict[tuple[int, ...], list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]] = {}
-        for _ in range(self.batch_size):
-            i, u0, v0 = self.sampler.window()
-            pl = self.planes[i]
-            x, y = self._augment(*_patch(pl, u0, v0, s, s, h, pl.train))
-            groups.setdefault(x.shape, []).append((x, y))
-        self.opt.zero_grad(set_to_none=True)
-        n = sum(int((y >= 0).sum()) for g in groups.values() for _, y in g)
-        total, correct = 0.0, 0
-        for group in groups.values():
-            xt = torch.from_numpy(np.stack([g[0] for g in group])[:, None]).to(self.device)
-            yt = torch.from_numpy(np.stack([g[1] for g in group])).to(self.device)
-            logits = self.model(xt)
-            loss = F.cross_entropy(logits, yt, ignore_index=-1, reduction="sum") / max(n, 1)
-            loss.backward()
-            total += float(loss.detach())
-            with torch.no_grad():
-                correct += int(((logits.argmax(1) == yt) & (yt >= 0)).sum())
-        self.opt.step()
-        self.steps += 1
-        return total, correct, n
-
-    @torch.no_grad()
-    def validate(self) -> tuple[float, np.ndarray[Any, Any]]:
-        """(mean loss, K x K confusion matrix truth x prediction) on the held-out tiles."""
-        self.model.eval()
-        h = self.model.halo
-        confusion = np.zeros((self.k, self.k), dtype=np.int64)
-        loss, n = 0.0, 0
-        for pl in self.planes:
-            for u0, v0, su, sv in pl.val_tiles:
-                x, y = _patch(pl, u0, v0, su, sv, h, pl.val)
-                xt = torch.from_numpy(apply_affine(x, self.offset, self.scale)[None, None]).to(self.device)
-                yt = torch.from_numpy(np.ascontiguousarray(y)[None]).to(self.device)
-                logits = self.model(xt)
-                loss += float(F.cross_entropy(logits, yt, ignore_index=-1, reduction="sum"))
-                mask = yt >= 0
-                n += int(mask.sum())
-                pred = logits.argmax(1)[mask].cpu().numpy()
-                truth = yt[mask].cpu().numpy()
-                confusion += np.bincount(truth * self.k + pred, minlength=self.k * self.k).reshape(self.k, self.k)
-        return loss / max(n, 1), confusion
-
-    def run(self, *, start: float, deadline: float, epochs: int | None, steps_per_epoch: int, patience: int,
-            reporter: Reporter, names: Sequence[str]) -> dict[str, Any]:
-        """Train until ``epochs``, the ``deadline`` (``time.perf_counter()`` seconds; the last
-        validation is finished before it) or early stopping; returns the metrics of the best epoch."""
-        by_time = epochs is None
-        reporter.start("train", int(math.ceil(deadline - start)) if by_time else epochs * steps_per_epoch)  # type: ignore[operator]
-        reported, reserve = 0, SAVE_RESERVE_S
-        curve: list[float] = []
-        best: dict[str, Any] = {}
-        best_score, since_best, stopped = -math.inf, 0, "epochs"
-        try:
-            while epochs is None or self.epochs < epochs:
-                run_loss, run_correct, run_n, run_steps, out_of_time = 0.0, 0, 0, 0, False
-                for _ in range(steps_per_epoch):
-                    interrupt.check(f"training stopped in epoch {self.epochs + 1}; no model was written, "
-                                    "run the same command to train again")
-                    loss, correct, n = self.step()
-                    run_steps += 1
-                    run_loss, run_correct, run_n = run_loss + loss, run_correct + correct, run_n + n
-                    now = time.perf_counter()
-                    if by_time:
-                        seconds = min(int(now - start), int(math.ceil(deadline - start)))
-                        reporter.advance(seconds - reported, voxels=n)
-                        reported = seconds
-                    else:
-                        reporter.advance(1, voxels=n)
-                    _metrics(reporter, {"loss": loss, "acc": correct / max(n, 1)})
-                    if now + reserve >= deadline:
-                        out_of_time = True
-                        break
-                self.epochs += 1
-                curve.append(run_loss / run_steps)
-                entry = {"epoch": self.epochs, "train_loss": curve[-1], "train_accuracy": run_correct / max(run_n, 1)}
-                t_val = time.perf_counter()
-                if self.has_val:
-                    vloss, confusion = self.validate()
-                    entry.update(_scores(confusion, names), val_loss=vloss)
-                    _metrics(reporter, {"val acc": entry["val_accuracy"], "val mIoU": entry["val_mean_iou"]})
-                    # validation loss, not mIoU: IoU of a rare class on a few held-out voxels is too noisy
-                    score = -vloss
-                else:
-                    score = -curve[-1]
-                reserve = time.perf_counter() - t_val + SAVE_RESERVE_S
-                logger.info("epoch %d: %s", self.epochs, {k: round(v, 4) if isinstance(v, float) else v
-                                                           for k, v in entry.items()})
-                if score > best_score + 1e-4 * abs(best_score) or not best:
-                    best_score, since_best, best = score, 0, entry
-                    self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                else:
-                    since_best += 1
-                    if since_best % PLATEAU == 0:
-                        self.opt.lr = max(MIN_LR, self.opt.lr * 0.5)
-                if out_of_time or time.perf_counter() + reserve >= deadline:
-                    stopped = "time"
-                    break
-                if self.has_val and since_best >= patience:
-                    stopped = "early-stopping"
-                    break
-        finally:
-            reporter.finish()
-        metrics = {k: v for k, v in best.items() if k.startswith("val_")}
-        metrics.update(
-            best_epoch=best.get("epoch", 0), stopped=stopped, epochs=self.epochs, steps=self.steps,
-            loss_first=curve[0] if curve else None, loss_last=curve[-1] if curve else None,
-            loss_curve=[round(v, 5) for v in curve],
-            train_accuracy=best.get("train_accuracy"),
-        )
-        return metrics
-
-
-def _scores(confusion: np.ndarray[Any, Any], names: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, per-class IoU (None where the class is absent from validation) and their mean."""
-    summary = scores(confusion, names)
-    iou = {c["name"]: (c["iou"] if c["support"] else None) for c in summary["per_class"]}
-    present = [v for v in iou.values() if v is not None]
-    return {
-        "val_accuracy": summary["accuracy"] or 0.0,
-        "val_mean_iou": float(np.mean(present)) if present else 0.0,
-        "val_iou": iou,
-        "val_voxels": summary["voxels"],
-    }
-
-
-def _metrics(reporter: Reporter, values: Mapping[str, Any]) -> None:
-    hook = getattr(reporter, "metrics", None)
-    if callable(hook):
-        hook(dict(values))
-
-
-__all__ = ["AXES", "DEFAULT_ARCH", "TrainResult", "train"]
+__all__ = ["AXES", "DEFAULT_ARCH", "Adam", "TrainResult", "default_threads", "train"]
