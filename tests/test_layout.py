@@ -112,7 +112,7 @@ def test_stages_are_packages() -> None:
 
 
 def test_no_test_hooks_in_production_modules() -> None:
-    hooks = ("fail_first_attempt", "hang_first_attempt", "inject_fault", "_inject")
+    hooks = ("fail_first_attempt", "hang_first_attempt", "inject_fault", "_inject", "kill_worker", "STUDIOS_TEST_")
     offenders = [
         str(p.relative_to(ROOT))
         for package in PACKAGES
