@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import tifffile
+import zarr
 from conftest import CEMENT, ROOT
 
 from pipeline.compute.executors import SerialExecutor
@@ -47,6 +48,13 @@ class Round:
 def _done(out: Path) -> int:
     done = out / "ledger" / "done" / "c"
     return sum(1 for p in done.rglob("*") if p.is_file()) if done.exists() else 0
+
+
+def _complete(out: Path) -> bool:
+    try:
+        return bool(zarr.open_group(str(out), mode="r").attrs.get("studios", {}).get("complete"))
+    except Exception:
+        return False
 
 
 def _array_bytes(path: Path) -> dict[str, bytes]:
@@ -99,8 +107,9 @@ def _play(rnd: Round, rng: random.Random, small: Path, out: Path, address: str) 
         if rnd.sig == signal.SIGTERM and proc.returncode == 143:
             line = stderr.strip().splitlines()[-1]
             assert line == f"studios: interrupted: {done_at_stop}/{BLOCKS} blocks done; run the same command to resume"
-    # the same command until it completes
-    while proc.returncode != 0:
+    # the same command until it completes (a signal that lands after the last block and the
+    # output's completion, while the process exits, leaves a finished output: nothing to rerun)
+    while proc.returncode != 0 and not _complete(out):
         assert rnd.runs < MAX_RUNS, f"round {rnd}: still failing after {rnd.runs} runs: {stderr[-2000:]}"
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         stdout, stderr = proc.communicate(timeout=180)

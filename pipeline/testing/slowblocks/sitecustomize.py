@@ -9,6 +9,7 @@ if _DELAY > 0:
     import functools
     import time
 
+    import pipeline.segment.run as _run
     import pipeline.segment.worker as _worker
 
     _run_block = _worker.run_block
@@ -18,4 +19,6 @@ if _DELAY > 0:
         time.sleep(_DELAY)
         return _run_block(job, block, **kwargs)
 
+    # the driver dispatches run.run_block; workers resolve it by name in worker: patch both
     _worker.run_block = run_block  # type: ignore[assignment]
+    _run.run_block = run_block  # type: ignore[attr-defined]
