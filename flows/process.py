@@ -1,4 +1,4 @@
-"""The studios flows: ingest, train, segment, qc, and ``process_scan`` chaining them.
+"""The studios flows: ingest, train, segment, qc, and ``process_scan`` chaining them (with analyse).
 
 A Prefect task is a *stage* (one task run, whatever the number of blocks) wrapping one stage
 function of :mod:`pipeline.service.process` (what is reused, which model source) with retries
@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.artifacts import ArtifactReporter, publish_markdown
 from flows.logs import library_logs
 from pipeline.core import interrupt
-from pipeline.core.settings import ClusterOptions, IngestOptions, ModelOptions, SegmentOptions
+from pipeline.core.settings import AnalyseOptions, ClusterOptions, IngestOptions, ModelOptions, SegmentOptions
 from pipeline.service import process as lib
 from pipeline.service.runstate import RunStatus, now_iso
 from pipeline.service.summary import summary_markdown
@@ -90,6 +90,14 @@ def qc_stage(seg: Path, *, scan: Path | None = None, truth: Path | None = None, 
     """QC of a finished segmentation: ``qc.json`` + ``report.html``."""
     return lib.check_segmentation(seg, scan=scan, truth=truth, out_dir=out_dir, status=status,
                                   reporter=_reporter("qc", label or seg.stem, status))
+
+
+@task(name="analyse", **RETRIED)
+def analyse_stage(seg: Path, options: AnalyseOptions, out: Path, *, report_dir: Path | None = None,
+                  overwrite: bool = False, status: RunStatus | None = None, label: str = "") -> dict[str, Any]:
+    """Objects, orientation, pores, surfaces of a finished segmentation; the report's Analysis section."""
+    return lib.analyse_segmentation(seg, options, out, report_dir=report_dir, overwrite=overwrite and _first_attempt(),
+                                    status=status, reporter=_reporter("analyse", label or seg.stem, status))
 
 
 def _publish(key: str, title: str, description: str, **summary: Any) -> None:
@@ -177,10 +185,11 @@ def process_scan(
     segment: dict[str, Any] | None = None,
     cluster: dict[str, Any] | None = None,
     qc: dict[str, Any] | None = None,
+    analyse: dict[str, Any] | None = None,
     overwrite: bool | None = None,
     config: str | None = None,
 ) -> dict[str, Any]:
-    """One scan end to end: ingest -> (train) -> segment -> qc, into the folder ``output``.
+    """One scan end to end: ingest -> (train) -> segment -> qc -> (analyse), into the folder ``output``.
 
     The parameters are the keys of a run profile (``configs/*.yaml``); ``config`` names a
     profile whose values the other parameters override (section by section, key by key).
@@ -188,7 +197,7 @@ def process_scan(
     # inside Prefect's flow engine (which turns SIGTERM into a crash): stop gracefully instead
     with library_logs(), interrupt.handling():
         cfg = lib.resolve_parameters(source, output, config=config, name=name, model=model, ingest=ingest,
-                                     segment=segment, cluster=cluster, qc=qc, overwrite=overwrite)
+                                     segment=segment, cluster=cluster, qc=qc, analyse=analyse, overwrite=overwrite)
         plan = lib.plan_run(cfg)
         label, over = plan.name, cfg.overwrite
         outputs = plan.outputs()
@@ -204,6 +213,9 @@ def process_scan(
                 qc_ = qc_stage(plan.segmentation, scan=plan.scan, truth=cfg.qc.truth, out_dir=plan.qc_dir,
                                status=status, label=label)
                 outputs.update(qc_json=qc_["json"], report=qc_["html"] or "")
+            analysed = None if plan.analyse is None else analyse_stage(
+                plan.segmentation, plan.analyse, plan.analysis_dir, report_dir=plan.qc_dir if plan.qc else None,
+                overwrite=over, status=status, label=label)
         except BaseException as exc:
             error = lib.error_line(exc)
             state = "interrupted" if isinstance(exc, interrupt.Interrupted) else "failed"
@@ -217,7 +229,7 @@ def process_scan(
         status.update(state="done", stage=None, finished=now_iso(), outputs=outputs, seconds=seconds,
                       qc={"warnings": warnings, "class_fractions": fractions})
         facts = [("scan", label), ("shape", "x".join(map(str, scan["shape"]))), ("model", model_["kind"]),
-                 *lib.segment_facts(seg), ("total seconds", seconds)]
+                 *lib.segment_facts(seg), *lib.analysis_facts(analysed), ("total seconds", seconds)]
         _publish(f"process-scan-{label}", f"process-scan {label}", f"{label}: done", facts=facts,
                  class_fractions=fractions, qc=qc_data, warnings=warnings, outputs=outputs)
         return {"name": label, "output": str(plan.output), "outputs": outputs, "segment": seg,

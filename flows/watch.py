@@ -36,6 +36,7 @@ def watch_folder(
     segment: dict[str, Any] | None = None,
     cluster: dict[str, Any] | None = None,
     qc: dict[str, Any] | None = None,
+    analyse: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One look at ``incoming``: process every new complete scan into ``output_root/<name>``.
 
@@ -51,7 +52,7 @@ def watch_folder(
             "completion": completion, "settle_seconds": settle_seconds, "marker": marker, "state_dir": state_dir,
             "max_scans": max_scans})
         sections = {k: v for k, v in {"model": model, "ingest": ingest, "segment": segment, "cluster": cluster,
-                                      "qc": qc}.items() if v is not None}
+                                      "qc": qc, "analyse": analyse}.items() if v is not None}
         check_processing(config, sections)  # the processing template, once per firing, before any claim
         settings.output_root.mkdir(parents=True, exist_ok=True)
         state = watcher.WatchState(settings.state_path)

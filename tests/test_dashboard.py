@@ -2,7 +2,8 @@
 
 The root holds what runs leave behind: a finished scan (complete segmentation, QC report, run
 status), a running one (an incomplete ledger: half of its blocks done, a live status file), one
-whose name carries markup, and an incoming scan the watcher is still waiting for.
+whose name carries markup, an incoming scan the watcher is still waiting for, and a series of
+three analysed scans (``studios analyse``: fibre fraction, porosity, thumbnail, trend).
 """
 
 from __future__ import annotations
@@ -91,7 +92,31 @@ def scans_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "schema": "studios-watch/1", "scans": {},
         "seen": {"scan_incoming": {"fingerprint": "x", "since": time.time(), "files": 12, "bytes": 3000}}}))
     (root / "link_out").symlink_to(base / "secret.txt")
+    _series(root / "series_a")
     return root
+
+
+#: (name, started, fibre fraction, pore fraction) of the series; started out of name order.
+SERIES = (("t002", "2026-01-02T09:00:00+00:00", 0.30, 0.02), ("t000", "2026-01-02T07:00:00+00:00", 0.10, 0.06),
+          ("t001", "2026-01-02T08:00:00+00:00", 0.20, 0.04))
+
+
+def _series(folder: Path) -> None:
+    """Three analysed segmentations of an in-situ series (fibre grows, porosity shrinks)."""
+    from analyse_helpers import blobs, make_seg
+
+    from pipeline.analyse import analyse
+    from pipeline.service.runstate import RunStatus
+
+    shape = (16, 16, 16)
+    for i, (name, started, fibre, pore) in enumerate(SERIES):
+        scan = folder / name
+        scan.mkdir(parents=True)
+        lab = np.ones(shape, np.uint8)
+        lab[blobs(shape, 10 + i, fraction=fibre)] = 2
+        lab[blobs(shape, 20 + i, fraction=pore) & (lab == 1)] = 3
+        analyse(make_seg(scan / "seg.zarr", lab, ("matrix", "fibre", "pore")), meshes=False, max_radius=2, rho=1.0)
+        RunStatus(scan, name=name).update(state="done", started=started, finished=started)
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +176,14 @@ def test_dashboard_imports_and_serves_without_prefect(scans_root: Path) -> None:
     env["PYTHONPATH"] = str(ROOT)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split("\n")[-2] == "['done', 'failed', 'running', 'waiting']"
+    assert run.stdout.split("\n")[-2] == "['done', 'done', 'done', 'done', 'failed', 'running', 'waiting']"
 
 
 def test_scans_with_state_progress_and_qc(dashboard: str) -> None:
     scans = {s["name"]: s for s in httpx.get(dashboard + "/api/scans", timeout=10).json()["scans"]}
     assert {k: v["state"] for k, v in scans.items()} == {
-        "scan_done": "done", "scan_running": "running", EVIL: "failed", "scan_incoming": "waiting"}
+        "scan_done": "done", "scan_running": "running", EVIL: "failed", "scan_incoming": "waiting",
+        **{name: "done" for name, *_ in SERIES}}
     done, running = scans["scan_done"], scans["scan_running"]
     assert done["progress"]["done"] == done["progress"]["total"] == 8
     assert set(done["class_fractions"]) == {"pore", "matrix"} and done["qc_status"] == "complete"
@@ -168,6 +194,38 @@ def test_scans_with_state_progress_and_qc(dashboard: str) -> None:
     page = httpx.get(dashboard + "/", timeout=10).text
     assert 'http-equiv="refresh"' in page and "4/8 blocks" in page and "Dask dashboard" in page
     assert httpx.get(dashboard + done["report"], timeout=10).headers["content-type"].startswith("text/html")
+
+
+def test_analysed_scans_show_fractions_thumbnails_and_the_series_trend(dashboard: str, scans_root: Path) -> None:
+    from PIL import Image
+
+    body = httpx.get(dashboard + "/api/scans", timeout=10).json()
+    scans = {s["name"]: s for s in body["scans"]}
+    assert scans["scan_done"]["analysis"] is None  # not analysed
+    truth = {}
+    for name, *_ in SERIES:
+        data = json.loads((scans_root / "series_a" / name / "seg.analysis" / "analysis.json").read_text())
+        truth[name] = (data["phases"]["classes"]["fibre"]["fraction"], data["phases"]["classes"]["pore"]["fraction"])
+        a = scans[name]["analysis"]
+        assert (a["fibre"]["class"], a["pore"]["class"]) == ("fibre", "pore")
+        assert (a["fibre"]["fraction"], a["pore"]["fraction"]) == pytest.approx(truth[name])
+        thumb = httpx.get(dashboard + a["thumbnail"], timeout=10)
+        assert thumb.headers["content-type"] == "image/png"
+        import io
+
+        pixels = np.asarray(Image.open(io.BytesIO(thumb.content)).convert("RGB"))
+        assert pixels.shape == (16, 16, 3) and len(np.unique(pixels.reshape(-1, 3), axis=0)) == 3  # three classes
+    (series,) = body["series"]
+    assert series["name"] == "series_a" and series["fibre_class"] == "fibre" and series["pore_class"] == "pore"
+    assert [p["scan"] for p in series["points"]] == ["t000", "t001", "t002"]  # time order, not name order
+    assert [(p["fibre"], p["porosity"]) for p in series["points"]] == [pytest.approx(truth[n]) for n in
+                                                                          ("t000", "t001", "t002")]
+    assert truth["t000"][0] < truth["t001"][0] < truth["t002"][0]  # the trend the chart draws
+    assert len(series["chart"]["fibre"].split()) == 3 and len(series["chart"]["porosity"].split()) == 3
+    page = httpx.get(dashboard + "/", timeout=10).text
+    assert f"fibre (fibre): {100 * truth['t002'][0]:.1f} %" in page
+    assert f"porosity (pore): {100 * truth['t000'][1]:.1f} %" in page
+    assert 'class="trend-fibre"' in page and 'data-series="series_a"' in page
 
 
 def test_markup_in_names_is_escaped(dashboard: str) -> None:
@@ -200,6 +258,7 @@ def test_dashboard_in_headless_chromium(dashboard: str, tmp_path: Path) -> None:
                          text=True).stdout
     assert 'data-state="done"' in dom and 'data-state="running"' in dom
     assert "scan_done" in dom and "scan_running" in dom and "4/8 blocks" in dom and ">report<" in dom
+    assert 'class="trend-fibre"' in dom and 'class="thumb"' in dom
     shot = tmp_path / "dashboard.png"
     subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1400,900", dashboard + "/"], check=True,
                    timeout=120, capture_output=True)

@@ -265,16 +265,23 @@ def test_demo_profile_runs_on_server(prefect_server: Server, tmp_path: Path) -> 
     assert "done: cement-demo" in proc.stdout and "report" in proc.stdout
     status = json.loads((out / "studios-run.json").read_text())
     assert status["state"] == "done" and Path(status["outputs"]["report"]).is_file()
+    analysis = json.loads(Path(status["outputs"]["analysis_json"]).read_text())  # the profile's analyse: stage
+    porosity = analysis["phases"]["classes"]["void"]["fraction"]
+    assert status["analysis"]["pore"] == {"class": "void", "fraction": porosity} and analysis["objects"]["count"] > 0
+    assert '<section id="analysis">' in Path(status["outputs"]["report"]).read_text()
+    assert (out / "seg.analysis" / "meshes" / "void.stl").is_file() and "analysis_json" in proc.stdout
     run_id = status["flow_run_id"]
     assert status["flow_run_url"].endswith(run_id)
     assert prefect_server.state(run_id) == "COMPLETED"
     arts = {a["key"]: a for a in prefect_server.artifacts(run_id)}
     summary = arts["process-scan-cement-demo"]
     assert summary["type"] == "markdown" and "## QC" in summary["data"] and str(out / "seg.zarr") in summary["data"]
+    assert f"porosity (void) | {100 * porosity:.3g} %" in summary["data"], summary["data"]
     progress = arts["segment-progress-cement-demo"]
     assert progress["type"] == "progress" and float(progress["data"]) == 100.0
     assert "8/8 blocks" in progress["description"]
-    assert {"pipeline.ingest.run", "pipeline.qc.run"} <= prefect_server.log_names(run_id)  # library logs in the run
+    # library logs in the run
+    assert {"pipeline.ingest.run", "pipeline.qc.run", "pipeline.analyse.run"} <= prefect_server.log_names(run_id)
 
 
 @pytest.mark.prefect_server

@@ -6,9 +6,11 @@ default; it has no authentication, put the facility's proxy in front to share it
 - ``/``             the page: every scan with its state (queued / running / done / failed, and
                     incoming scans still waiting to be complete), live progress of running ones
                     (blocks done / total from the ledger, voxels/s, ETA), QC summary and
-                    warnings, links to its report, its Prefect flow run and the Dask dashboard.
-                    It reloads itself every ``refresh`` seconds.
-- ``/api/scans``    the same as JSON.
+                    warnings, links to its report, its Prefect flow run and the Dask dashboard;
+                    for analysed scans the fibre fraction, porosity, objects and a mid-slice
+                    thumbnail of the labels, and per series (the scans of one folder) the trend of
+                    fibre fraction and porosity. It reloads itself every ``refresh`` seconds.
+- ``/api/scans``    the same as JSON (``scans``, ``series``).
 - ``/files/PATH``   files under the root only (reports); ``..``, absolute paths and symlinks
                     leading out of the root are refused with 404.
 - ``/healthz``      ``ok``.
@@ -33,7 +35,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 
 from pipeline.core.errors import ConfigError
 from pipeline.service.runstate import format_seconds
-from pipeline.service.scans import STATE_ORDER, PrefectLinks, collect, safe_path, safe_url
+from pipeline.service.scans import STATE_ORDER, PrefectLinks, collect, safe_path, safe_url, series
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +78,15 @@ def create_app(root: str | os.PathLike[str], *, refresh: int = 5, prefect_api: s
     def index() -> HTMLResponse:
         items = scans()
         counts = {s: sum(1 for x in items if x["state"] == s) for s in STATE_ORDER}
-        html = template.render(scans=items, counts=counts, root=str(root_path), refresh=refresh,
+        html = template.render(scans=items, counts=counts, series=series(items), root=str(root_path), refresh=refresh,
                                generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), prefect_ui=links.ui_url)
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
     @app.get("/api/scans")
     def api_scans() -> JSONResponse:
-        return JSONResponse({"root": str(root_path), "scans": json.loads(json.dumps(scans(), default=str))})
+        items = scans()
+        return JSONResponse({"root": str(root_path), "scans": json.loads(json.dumps(items, default=str)),
+                             "series": json.loads(json.dumps(series(items), default=str))})
 
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:

@@ -6,6 +6,7 @@ Output folder (default ``SEG.analysis`` beside ``SEG.zarr``)::
     objects.parquet    object table (objects.csv without pyarrow), columns in pipeline.analyse.objects.COLUMNS
     orientation.zarr/  (3, Z, Y, X) float32 fibre directions (only with orientation_field=True)
     meshes/CLASS.stl, CLASS.ply, precomputed/   per-class surfaces
+    thumbnail.png      the middle z-slice in the label colours (dashboards)
     analysis.json      every figure, keys in docs/analysis.md
 
 Each measure reads blocks with the halo its operator needs (0 for objects and phases,
@@ -135,7 +136,7 @@ def analyse(
     out.mkdir(parents=True)
     data: dict[str, Any] = {"version": 1, "segmentation": str(seg.resolve()), "shape": list(shape),
                             "voxel_size": list(vs), "classes": names, "block": list(edge), "blocks": len(blocks),
-                            "studios_version": __version__}
+                            "studios_version": __version__, "source_run": segmentation_identity(seg)}
 
     t = time.perf_counter()
     counts = pores.PhaseCounts(shape, len(names))
@@ -177,10 +178,78 @@ def analyse(
     data["surfaces"] = _surfaces(image, blocks, labels, mesh_sigma, out) if meshes else None
     seconds["surfaces"] = time.perf_counter() - t
 
+    t = time.perf_counter()
+    data["thumbnail"] = write_thumbnail(image, out / "thumbnail.png")
+    seconds["thumbnail"] = time.perf_counter() - t
+
     data["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     data["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     (out / "analysis.json").write_text(json.dumps(data, indent=1))
+    logger.info("analyse %s: %d objects, %s in %.1fs -> %s", seg, found.count, ", ".join(
+        f"{n} {100 * (c['fraction'] or 0):.2f}%" for n, c in data["phases"]["classes"].items()),
+        sum(seconds.values()), out)
     return AnalysisResult(out=out, data=data)
+
+
+def segmentation_identity(seg: str | os.PathLike[str]) -> dict[str, Any]:
+    """What names one finished segmentation: path, model fingerprint, finish time of its run and
+    the time its metadata (``zarr.json``, rewritten when a run completes) was last written, in ns.
+
+    An ``analysis.json`` with the same identity analysed this very output (not an earlier one
+    overwritten since); the flows reuse it instead of analysing again.
+    """
+    path = Path(seg).resolve()
+    try:
+        attrs = open_image(seg, kind="segmentation").attrs
+        written = (path / "zarr.json").stat().st_mtime_ns
+    except (InputError, OSError):
+        return {"segmentation": str(path)}
+    ledger: dict[str, Any] = attrs["ledger"] if isinstance(attrs.get("ledger"), dict) else {}
+    run: dict[str, Any] = attrs["run"] if isinstance(attrs.get("run"), dict) else {}
+    return {"segmentation": str(path), "model_fingerprint": ledger.get("model_fingerprint"),
+            "finished": run.get("finished"), "written": written}
+
+
+def write_thumbnail(image: Any, path: Path, max_px: int = 256) -> str:
+    """The middle z-slice of a segmentation as a PNG in the label colours (0 black); its file name.
+
+    Read from the finest pyramid level whose slice is at most ``max_px`` on a side (every
+    ``step``-th voxel of level 0 otherwise), so the cost does not grow with the volume.
+    """
+    from matplotlib.image import imsave
+
+    from pipeline.io.labels import class_color
+
+    array = image.array
+    _, y, x = image.shape
+    step = max(1, math.ceil(max(y, x) / max_px))
+    plane = np.asarray(array[image.shape[0] // 2, ::step, ::step])
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    for k in range(1, 256):
+        colours[k] = class_color(k)[:3]
+    imsave(path, colours[plane])
+    return path.name
+
+
+def headline(data: dict[str, Any]) -> dict[str, Any]:
+    """The figures a dashboard shows for one ``analysis.json``: fibre fraction, porosity, objects.
+
+    ``fibre`` / ``pore``: ``{"class": name, "fraction": f}`` of the analysed orientation and pore
+    classes (``None`` when the analysis had none); ``fraction`` among computed voxels.
+    """
+    phases = (data.get("phases") or {}).get("classes") or {}
+
+    def part(key: str) -> dict[str, Any] | None:
+        section = data.get(key)
+        if not isinstance(section, dict) or section.get("class") not in phases:
+            return None
+        return {"class": section["class"], "fraction": phases[section["class"]].get("fraction")}
+
+    orientation = data.get("orientation") or {}
+    return {"fibre": part("orientation"), "pore": part("pores"),
+            "objects": (data.get("objects") or {}).get("count"),
+            "main_direction": orientation.get("main_direction"), "thumbnail": data.get("thumbnail"),
+            "finished": data.get("finished")}
 
 
 def _scan(attrs: Any) -> Path | None:
@@ -278,4 +347,4 @@ def _surfaces(image: Any, blocks: Sequence[Block], labels: dict[int, str], sigma
     return info
 
 
-__all__ = ["AnalysisResult", "analyse"]
+__all__ = ["AnalysisResult", "analyse", "headline", "segmentation_identity", "write_thumbnail"]

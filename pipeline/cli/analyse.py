@@ -41,14 +41,24 @@ def _analyse_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="largest ball radius of the local thickness, voxels (default 16; sets the halo 2R)")
     p.add_argument("--block", type=int, help="block edge in voxels (default: the chunks, at least 128)")
     p.add_argument("--device", default="cpu", help="torch device for the structure tensor (cpu, cuda, cuda:N)")
+    p.add_argument("--report", type=Path, metavar="QC_DIR",
+                   help="add an Analysis section to the QC report in this folder (default: SEG/qc when it "
+                        "holds a qc.json)")
+    p.add_argument("--no-report", action="store_true", help="leave the QC report as it is")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(handler=_analyse)
 
 
 def _analyse(args: argparse.Namespace) -> int:
     from pipeline.analyse import analyse
-    from pipeline.core.errors import ConfigError
+    from pipeline.core.errors import ConfigError, InputError
+    from pipeline.qc.run import refresh_report
 
+    if args.report is not None and args.no_report:
+        raise ConfigError("give --report QC_DIR or --no-report, not both")
+    if args.report is not None and not (args.report / "qc.json").is_file():
+        raise InputError(f"{args.report}: holds no qc.json; run 'studios qc {args.segmentation}' first "
+                         "or leave out --report")
     if args.sigma <= 0 or args.rho <= 0 or args.mesh_sigma < 0 or args.max_radius < 1:
         raise ConfigError("--sigma and --rho must be > 0, --mesh-sigma >= 0 and --max-radius >= 1")
     res = analyse(
@@ -68,4 +78,7 @@ def _analyse(args: argparse.Namespace) -> int:
         lt = d["pores"]["local_thickness"]
         print(f"  pores:       {d['pores']['class']}, mean local thickness {lt['mean']} voxels")
     print(f"  analysis:    {res.json_path}")
+    qc_dir = args.report if args.report is not None else args.segmentation / "qc"
+    if not args.no_report and (qc_dir / "qc.json").is_file():
+        print(f"  report:      {refresh_report(qc_dir, res.json_path)} (Analysis section)")
     return 0

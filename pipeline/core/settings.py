@@ -16,6 +16,7 @@ in the Prefect UI and a deployment's ``parameters:`` all read the same::
     segment:  {block: 128, probabilities: false, device: cpu, exact: false, retries: 2}
     cluster:  {kind: local, workers: 1, threads_per_worker: 1}   # also address/slurm/cuda/serial
     qc:       {enabled: true, truth: null}
+    analyse:  {fibre: fibre, pore: pore, meshes: true}   # optional: objects, orientation, pores
     watch:    {incoming: /data/incoming, interval: 120, settle_seconds: 120}   # studios serve only
 
 Relative paths are relative to the current directory (as on the command line); profiles used
@@ -189,6 +190,30 @@ class QCOptions(Section):
     truth: Path | None = None
 
 
+class AnalyseOptions(Section):
+    """``analyse:`` quantify the segmentation after QC (``studios analyse``): objects, fibre
+    orientation, pores, surfaces into ``OUTPUT/seg.analysis/`` and an Analysis section in the report.
+
+    Absent (the default): no analysis. Class keys take names or labels (1..K); ``fibre`` and
+    ``pore`` default to classes named fibre/fiber and pore/void/air.
+    """
+
+    SECTION = "analyse"
+
+    enabled: Bool = True
+    classes: tuple[Str | Int, ...] | None = None
+    fibre: Str | Int | None = None
+    pore: Str | Int | None = None
+    sigma: Float = Field(1.0, gt=0)
+    rho: Float = Field(3.0, gt=0)
+    meshes: Bool = True
+    mesh_sigma: Float = Field(1.0, ge=0)
+    max_radius: Int = Field(16, ge=1)
+    orientation_field: Bool = False
+    block: Int | None = Field(None, ge=8)
+    device: Str = "cpu"
+
+
 class WatchOptions(Section):
     """``watch:`` scheduled beamline processing (``studios serve``): new scans in ``incoming``.
 
@@ -227,6 +252,7 @@ class RunConfig(Section):
     segment: SegmentOptions = Field(default_factory=SegmentOptions)
     cluster: ClusterOptions = Field(default_factory=ClusterOptions)
     qc: QCOptions = Field(default_factory=QCOptions)
+    analyse: AnalyseOptions | None = None
     watch: WatchOptions | None = None
 
     @property

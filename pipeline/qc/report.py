@@ -10,7 +10,8 @@ Sections (``<section id=...>``), in the order of :data:`SECTIONS`: ``summary``, 
 ``slices`` (orthogonal views of the scan with the segmentation overlaid), ``fractions``,
 ``profiles``, ``intensity``, ``confidence`` (histogram, confidence maps, least confident slices
 and blocks), ``suggestions`` ("Where to annotate next", only when qc.json has ``suggestions``),
-``components``, ``seam``, ``truth`` (a note when no ground truth was given), ``run``.
+``components``, ``analysis`` (what ``studios analyse`` found, only with an ``analysis.json``:
+:mod:`pipeline.qc.analysis`), ``seam``, ``truth`` (a note when no ground truth was given), ``run``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pipeline.qc import figures
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SECTIONS = ("summary", "warnings", "slices", "fractions", "profiles", "intensity", "confidence", "suggestions",
-            "components", "seam", "truth", "run")
+            "components", "analysis", "seam", "truth", "run")
 #: Sections left out when their qc.json key is absent.
 OPTIONAL = {"suggestions": "suggestions"}
 
@@ -41,6 +42,7 @@ def write_report(
     labels: zarr.Group,
     scan: Image | None = None,
     probabilities: zarr.Array | None = None,
+    analysis: Mapping[str, Any] | None = None,
 ) -> Path:
     """Render ``data`` (the content of ``qc.json``) to ``path`` atomically; returns ``path``.
 
@@ -48,9 +50,11 @@ def write_report(
         labels: the segmentation group (level ``0`` and any pyramid levels, (Z, Y, X) uint8).
         scan: the scan, for the slice views (optional).
         probabilities: ``probabilities/0`` (K, Z, Y, X) uint8, for confidence maps (optional).
+        analysis: the content of the segmentation's ``analysis.json`` (optional; the section
+            ``analysis`` is left out without it).
     """
     out = Path(path)
-    text = render_report(data, labels=labels, scan=scan, probabilities=probabilities)
+    text = render_report(data, labels=labels, scan=scan, probabilities=probabilities, analysis=analysis)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out)
@@ -63,8 +67,11 @@ def render_report(
     labels: zarr.Group,
     scan: Image | None = None,
     probabilities: zarr.Array | None = None,
+    analysis: Mapping[str, Any] | None = None,
 ) -> str:
     """The report as one HTML string (arguments as in :func:`write_report`)."""
+    from pipeline.qc import analysis as analysis_section
+
     classes = [c["name"] for c in data["classes"]]
     builders: dict[str, Callable[[], dict[str, Any]]] = {
         "summary": lambda: _summary(data),
@@ -76,11 +83,14 @@ def render_report(
         "confidence": lambda: _confidence(data, probabilities),
         "suggestions": lambda: _suggestions(data),
         "components": lambda: _components(data),
+        "analysis": lambda: analysis_section.section(analysis or {}),
         "seam": lambda: _seam(data),
         "truth": lambda: _truth(data),
         "run": lambda: _run(data),
     }
-    sections = [(sid, builders[sid]()) for sid in SECTIONS if sid not in OPTIONAL or OPTIONAL[sid] in data]
+    present = {*data, *(("analysis",) if analysis is not None else ())}
+    sections = [(sid, builders[sid]()) for sid in SECTIONS
+                if (sid not in OPTIONAL or OPTIONAL[sid] in present) and (sid != "analysis" or analysis is not None)]
     name = Path(str(data["inputs"]["segmentation"])).name
     return _environment().get_template("report.html").render(
         title=f"studios QC: {name}", heading=f"studios QC report: {name}", sections=sections)

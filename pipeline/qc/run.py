@@ -98,6 +98,7 @@ run                               complete, finished, host, studios_version, sec
                                   model_fingerprint, model
 warnings[]                        plain-language findings, most important first
 timings                           seconds spent by QC: ledger, pass, seam_check, report, total
+analysis                          (with an analysis.json) json, fibre, pore, objects, main_direction, thumbnail
 ================================  ===============================================================
 
 Numbers that cannot be defined (e.g. IoU of a class absent from truth and prediction) are null.
@@ -181,6 +182,7 @@ def run_qc(
     rare_fraction: float = 1e-3,
     drift_threshold: float = 0.25,
     report: bool = True,
+    analysis: str | os.PathLike[str] | None = None,
     reporter: Reporter | None = None,
 ) -> QCResult:
     """Check a segmentation and write ``qc.json`` (and ``report.html``) into ``out_dir``.
@@ -204,10 +206,16 @@ def run_qc(
         rare_fraction: warn about classes covering less than this fraction.
         drift_threshold: warn when a class fraction varies more than this along an axis.
         report: also write ``report.html``.
+        analysis: an ``analysis.json`` (or its folder) of this segmentation, shown in the report's
+            Analysis section; default: ``SEG.analysis/`` beside the segmentation when it analysed
+            this output. ``qc.json`` records it under ``analysis``.
 
     Raises:
-        InputError: missing or foreign ``seg``, wrong-shaped scan or truth, unknown class.
+        InputError: missing or foreign ``seg``, wrong-shaped scan or truth, unknown class, an
+            ``analysis`` of another segmentation.
     """
+    from pipeline.qc.analysis import default_analysis, find_analysis, summary
+
     reporter = reporter or NullReporter()
     if not 0.0 < confidence_threshold <= 1.0:
         raise InputError(f"confidence threshold {confidence_threshold} must lie in (0, 1]")
@@ -221,6 +229,7 @@ def run_qc(
     manifest = dict(attrs.get("ledger") or {})
     notes: list[str] = []
     scan_image = resolve_scan(scan, manifest, shape, notes)
+    analysed = find_analysis(image.path, analysis)
     truth_reader = TruthReader(truth, shape, k) if truth is not None else None
     probs = stored_probabilities(group, k, shape)
 
@@ -243,6 +252,9 @@ def run_qc(
                      confidence_threshold)
     data["warnings"] = notes + qc_warnings(data, rare_fraction=rare_fraction, drift_threshold=drift_threshold)
     data["timings"] = timings
+    if analysed is not None:
+        where = Path(analysis) if analysis is not None else default_analysis(image.path)
+        data["analysis"] = summary(analysed, str(where / "analysis.json" if where.is_dir() else where))
     out = Path(out_dir) if out_dir is not None else image.path / "qc"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -254,7 +266,7 @@ def run_qc(
 
         t = time.perf_counter()
         report_path = write_report(clean(data), out / "report.html", labels=group, scan=scan_image,
-                                   probabilities=probs)
+                                   probabilities=probs, analysis=analysed)
         timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     final = clean(data)
@@ -292,6 +304,32 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def refresh_report(qc_dir: str | os.PathLike[str], analysis: str | os.PathLike[str]) -> Path:
+    """Add ``analysis`` (an ``analysis.json``) to the QC in ``qc_dir``: ``qc.json`` records it and
+    ``report.html`` is rendered again with the Analysis section; nothing is recomputed.
+
+    Raises:
+        InputError: no ``qc.json`` in ``qc_dir``, or ``analysis`` of another segmentation.
+    """
+    from pipeline.qc.analysis import read_analysis, summary
+    from pipeline.qc.report import write_report
+
+    out = Path(qc_dir)
+    data = load_qc(out)
+    seg = data["inputs"]["segmentation"]
+    analysed = read_analysis(analysis, seg)
+    image, group, _ = open_segmentation(seg)
+    manifest = dict(image.attrs.get("ledger") or {})
+    recorded = {"scan": data["inputs"].get("scan") or manifest.get("scan")}
+    scan_image = resolve_scan(None, recorded, image.shape, [])  # a scan gone since: views left out
+    probs = stored_probabilities(group, len(data["classes"]), image.shape)
+    data["analysis"] = summary(analysed, str(analysis))
+    report = write_report(data, out / "report.html", labels=group, scan=scan_image, probabilities=probs,
+                          analysis=analysed)
+    write_text(out / "qc.json", json.dumps(clean(data), indent=1, allow_nan=False) + "\n")
+    return report
 
 
 def load_qc(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -9,12 +9,14 @@ Each stage function here is one stage as the flows run it, and is what a Prefect
   an existing trained bundle is reused);
 - :func:`segment_scan`: a finished ``seg.zarr`` of the same scan and model is reused, an
   unfinished one resumed;
-- :func:`check_segmentation`: ``qc.json`` + ``report.html``.
+- :func:`check_segmentation`: ``qc.json`` + ``report.html``;
+- :func:`analyse_segmentation` (profile key ``analyse:``): ``seg.analysis/`` and the report's
+  Analysis section; a finished analysis of the same segmentation is reused.
 
 ``overwrite`` recomputes instead of reusing. Errors a retry cannot fix are :data:`NOT_RETRYABLE`.
 Each scan's output folder::
 
-    OUTPUT/scan.zarr  model/  seg.zarr  qc/qc.json  qc/report.html  studios-run.json
+    OUTPUT/scan.zarr  model/  seg.zarr  qc/qc.json  qc/report.html  seg.analysis/  studios-run.json
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pipeline.core.interrupt import Interrupted
 from pipeline.core.progress import Reporter
 from pipeline.core.schema import Section
 from pipeline.core.settings import (
+    AnalyseOptions,
     ClusterOptions,
     IngestOptions,
     ModelOptions,
@@ -109,6 +112,7 @@ class RunPlan:
     output: Path
     model: ModelOptions
     qc: bool
+    analyse: AnalyseOptions | None = None
 
     @property
     def scan(self) -> Path:
@@ -126,12 +130,18 @@ class RunPlan:
     def qc_dir(self) -> Path:
         return self.output / "qc"
 
+    @property
+    def analysis_dir(self) -> Path:
+        return self.output / "seg.analysis"
+
     def outputs(self) -> dict[str, str]:
         """Output name -> path (``scan``, ``model``, ``segmentation``, ``qc_json``, ``report``)."""
         model = self.model.bundle if self.model.bundle is not None else self.model_dir
         paths = {"scan": self.scan, "model": model, "segmentation": self.segmentation}
         if self.qc:
             paths.update(qc_json=self.qc_dir / "qc.json", report=self.qc_dir / "report.html")
+        if self.analyse is not None and self.analyse.enabled:
+            paths.update(analysis_json=self.analysis_dir / "analysis.json")
         return {k: str(v) for k, v in paths.items()}
 
 
@@ -140,7 +150,8 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     missing = [k for k in ("source", "output", "model") if getattr(cfg, k) is None]
     if missing or cfg.source is None or cfg.output is None or cfg.model is None:
         raise ConfigError(f"process_scan parameters: missing {', '.join(missing)}; give them or a profile (config)")
-    return RunPlan(cfg.scan_name, cfg.source, cfg.output, cfg.model, cfg.qc.enabled)
+    analyse = cfg.analyse if cfg.analyse is not None and cfg.analyse.enabled else None
+    return RunPlan(cfg.scan_name, cfg.source, cfg.output, cfg.model, cfg.qc.enabled, analyse)
 
 
 def start_status(plan: RunPlan, *, cluster: str, **links: str) -> RunStatus:
@@ -149,7 +160,7 @@ def start_status(plan: RunPlan, *, cluster: str, **links: str) -> RunStatus:
     status = RunStatus(plan.output, name=plan.name)
     status.update(state="running", stage="ingest", source=plan.source, output=str(plan.output),
                   outputs=plan.outputs(), started=now_iso(), finished=None, error=None, progress=None, qc=None,
-                  dask_dashboard=None, cluster=cluster, **links)
+                  analysis=None, dask_dashboard=None, cluster=cluster, **links)
     return status
 
 
@@ -298,6 +309,50 @@ def check_segmentation(seg: Path, *, scan: Path | None = None, truth: Path | Non
     return {"json": str(result.json_path), "html": str(report) if report else None, "data": dict(result.data)}
 
 
+def reusable_analysis(out: Path, seg: Path) -> dict[str, Any] | None:
+    """The ``analysis.json`` content in ``out`` if it analysed ``seg`` as it is now, else ``None``."""
+    from pipeline.analyse.run import segmentation_identity
+    from pipeline.service.runstate import read_json
+
+    data = read_json(out / "analysis.json")
+    if not data or data.get("source_run") != segmentation_identity(seg):
+        return None
+    return data
+
+
+def analyse_segmentation(seg: Path, options: AnalyseOptions, out: Path, *, report_dir: Path | None = None,
+                         overwrite: bool = False, status: RunStatus | None = None,
+                         reporter: Reporter | None = None) -> dict[str, Any]:
+    """``pipeline.analyse`` of a finished segmentation into ``out``, then the Analysis section of
+    the QC report in ``report_dir`` (when it holds one); ``{"json", "data", "reused"}``.
+
+    Raises:
+        OutputExistsError: ``out`` holds an analysis of another segmentation and not ``overwrite``.
+    """
+    from pipeline.analyse import analyse
+    from pipeline.analyse.run import headline
+    from pipeline.qc.run import refresh_report
+
+    reporter = _stage(status, reporter, "analyse")
+    data = None if overwrite else reusable_analysis(out, seg)
+    reused = data is not None
+    if data is None:
+        result = analyse(
+            seg, out, classes=list(options.classes) if options.classes else None, fibre=options.fibre,
+            pore=options.pore, sigma=options.sigma, rho=options.rho, mesh_sigma=options.mesh_sigma,
+            meshes=options.meshes, orientation_field=options.orientation_field, max_radius=options.max_radius,
+            block=options.block, device=options.device, overwrite=overwrite, reporter=reporter,
+        )
+        data = result.data
+    else:
+        logger.info("analyse: %s already analyses %s, reused", out, seg)
+    if report_dir is not None and (report_dir / "qc.json").is_file():
+        refresh_report(report_dir, out / "analysis.json")
+    if status is not None:
+        status.update(analysis=headline(data))
+    return {"json": str(out / "analysis.json"), "data": data, "reused": reused}
+
+
 # ---------------------------------------------------------------------------------- results
 
 
@@ -305,6 +360,20 @@ def qc_parts(qc: dict[str, Any] | None) -> tuple[list[str], dict[str, Any]]:
     """(warnings, qc.json content) of a :func:`check_segmentation` result (empty without QC)."""
     data = dict((qc or {}).get("data") or {})
     return [str(w) for w in data.get("warnings", [])], data
+
+
+def analysis_facts(analysed: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """The headline facts of an :func:`analyse_segmentation` result, for summaries (none without one)."""
+    if not analysed:
+        return []
+    from pipeline.analyse.run import headline
+
+    h = headline(analysed["data"])
+    facts: list[tuple[str, Any]] = [("objects", h["objects"])]
+    for key, what in (("fibre", "fibre fraction"), ("pore", "porosity")):
+        if h[key] is not None and h[key]["fraction"] is not None:
+            facts.append((f"{what} ({h[key]['class']})", f"{100 * h[key]['fraction']:.3g} %"))
+    return facts
 
 
 def segment_facts(seg: dict[str, Any]) -> list[tuple[str, Any]]:

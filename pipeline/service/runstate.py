@@ -5,9 +5,11 @@ reads it (together with the segmentation's ledger and the QC files), so the dash
 Prefect server. Keys (schema ``studios-run/1``)::
 
     schema, name, state        queued | running | done | failed
-    stage                      ingest | train | segment | qc | (none)
+    stage                      ingest | train | segment | qc | analyse | (none)
     source, output             absolute paths
-    outputs                    {"scan", "model", "segmentation", "qc_json", "report"}: paths under output
+    outputs                    {"scan", "model", "segmentation", "qc_json", "report",
+                               "analysis_json"}: paths under output
+    analysis                   headline of analysis.json (fibre, pore fractions, objects, thumbnail) or null
     created, started, updated, finished   ISO 8601 UTC
     error                      one line, for failed runs
     flow_run_id, flow_run_url  the Prefect flow run (the URL when the Prefect UI is known)

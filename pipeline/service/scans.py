@@ -1,9 +1,10 @@
 """What the dashboard shows: the scans under a root folder, read from what the runs leave behind.
 
-Reads only files (``studios-run.json``, ``seg.zarr`` attributes and ledger, ``qc/qc.json``, the
-watcher's ``.studios-watch/state.json``) and, when a Prefect API URL is given and reachable,
-flow-run states over plain HTTP (:class:`PrefectLinks`). Never writes, never imports Prefect or
-a web framework: the FastAPI app is :mod:`flows.dashboard.app`.
+Reads only files (``studios-run.json``, ``seg.zarr`` attributes and ledger, ``qc/qc.json``,
+``seg.analysis/analysis.json`` and its thumbnail, the watcher's ``.studios-watch/state.json``)
+and, when a Prefect API URL is given and reachable, flow-run states over plain HTTP
+(:class:`PrefectLinks`). Never writes, never imports Prefect or a web framework: the FastAPI app
+is :mod:`flows.dashboard.app`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 SEG_NAMES = ("seg.zarr",)
 QC_PLACES = ("qc/qc.json", "seg.zarr/qc/qc.json")
+ANALYSIS_PLACES = ("seg.analysis/analysis.json",)
 MAX_DEPTH = 3
 STATE_ORDER = {"running": 0, "queued": 1, "waiting": 2, "failed": 3, "done": 4}
 
@@ -117,6 +119,23 @@ def _report(folder: Path, status: Mapping[str, Any], qc_path: Path | None) -> Pa
     return next((p for p in places if p.is_file()), None)
 
 
+def analysis_info(folder: Path, status: Mapping[str, Any], root: Path) -> dict[str, Any] | None:
+    """Fibre fraction, porosity, object count and thumbnail URL of the scan's ``analysis.json``."""
+    from pipeline.analyse.run import headline
+
+    places = [Path(p) for p in ((status.get("outputs") or {}).get("analysis_json"),) if p]
+    places += [folder / p for p in ANALYSIS_PLACES]
+    for p in places:
+        data = read_json(p)
+        if data is not None and isinstance(data.get("phases"), dict):
+            h = headline(data)
+            thumb = p.with_name(str(h["thumbnail"])) if h.get("thumbnail") else None
+            h["thumbnail"] = _file_url(thumb, root) if thumb is not None and thumb.is_file() else None
+            h["json"] = _file_url(p, root)
+            return h
+    return None
+
+
 def scan_info(folder: Path, root: Path, *, now: float | None = None) -> dict[str, Any]:
     """Everything the page shows about one scan folder."""
     now = time.time() if now is None else now
@@ -175,6 +194,7 @@ def scan_info(folder: Path, root: Path, *, now: float | None = None) -> dict[str
         "qc_status": (qc or {}).get("status"),
         "seam_check": ((qc or {}).get("seam_check") or {}).get("status"),
         "warnings": warnings,
+        "analysis": analysis_info(folder, status, root),
         "report": _file_url(report, root),
         "flow_run_id": status.get("flow_run_id"),
         "flow_run_url": status.get("flow_run_url"),
@@ -204,7 +224,7 @@ def waiting_scans(root: Path, known: set[str]) -> list[dict[str, Any]]:
         if name in known or rec.get("state") in ("done", "queued", "running"):
             continue
         out.append({"name": str(name), "folder": None, "state": "waiting", "stage": None, "source": None,
-                    "error": rec.get("error"), "progress": {}, "class_fractions": {}, "warnings": [],
+                    "error": rec.get("error"), "progress": {}, "class_fractions": {}, "warnings": [], "analysis": None,
                     "report": None, "flow_run_id": None, "flow_run_url": None, "dask_dashboard": None,
                     "started": None, "finished": None, "updated": None, "qc_status": None, "seam_check": None,
                     "detail": f"{look.get('files', 0)} files, {look.get('bytes', 0)} bytes; waiting to be complete"})
@@ -260,6 +280,51 @@ def collect(root: Path, links: PrefectLinks) -> list[dict[str, Any]]:
     scans += waiting_scans(root, {s["name"] for s in scans} | {Path(s["folder"]).name for s in scans if s["folder"]})
     scans.sort(key=lambda s: (STATE_ORDER.get(s["state"], 9), s["name"]))
     return scans
+
+
+def series(scans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trends across the scans of a series: the analysed scans of one parent folder, in time order.
+
+    A series is what a watched folder (or any folder of scan folders) holds: ``output_root/<scan>``.
+    Each has ``name`` (the parent folder, ``.`` for the root), ``points`` (``scan``, ``time``,
+    ``fibre``, ``porosity``: fractions or ``None``) and ``fibre_class`` / ``pore_class``; only
+    series of two or more analysed scans are returned.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for s in scans:
+        a = s.get("analysis")
+        if not a or not s.get("folder") or s["folder"] == ".":
+            continue
+        parent = PurePosixPath(s["folder"]).parent.as_posix()
+        groups.setdefault(parent, []).append(s)
+    out: list[dict[str, Any]] = []
+    for parent, members in sorted(groups.items()):
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda s: (_parse_time(s.get("started")) or _parse_time(s["analysis"].get("finished"))
+                                    or 0.0, s["name"]))
+        points = [{"scan": s["name"], "time": s.get("started") or s["analysis"].get("finished"),
+                   "fibre": (s["analysis"]["fibre"] or {}).get("fraction"),
+                   "porosity": (s["analysis"]["pore"] or {}).get("fraction")} for s in members]
+        first = members[0]["analysis"]
+        out.append({"name": parent, "points": points, "fibre_class": (first["fibre"] or {}).get("class"),
+                    "pore_class": (first["pore"] or {}).get("class"), "chart": trend_chart(points)})
+    return out
+
+
+def trend_chart(points: list[dict[str, Any]], width: int = 360, height: int = 120) -> dict[str, Any]:
+    """Polylines (SVG point lists, percent scale shared by both series) of fibre fraction and porosity."""
+    values = [100 * float(p[k]) for p in points for k in ("fibre", "porosity") if p[k] is not None]
+    top = max(values, default=1.0) * 1.1 or 1.0
+    pad = 24
+    step = (width - 2 * pad) / max(len(points) - 1, 1)
+
+    def line(key: str) -> str:
+        return " ".join(f"{pad + i * step:.1f},{height - pad - (height - 2 * pad) * 100 * float(p[key]) / top:.1f}"
+                        for i, p in enumerate(points) if p[key] is not None)
+
+    return {"width": width, "height": height, "pad": pad, "top": round(top, 3), "fibre": line("fibre"),
+            "porosity": line("porosity")}
 
 
 def safe_url(url: Any) -> str:

@@ -114,6 +114,6 @@ def run_lines(result: Mapping[str, Any]) -> list[str]:
     seg, outputs = result["segment"], result["outputs"]
     lines = [f"done: {result['name']} in {result['seconds']:.1f}s; {seg.get('blocks_done')}/{seg.get('blocks_total')} "
              f"blocks{' (reused)' if seg.get('reused') else ''}"]
-    lines += [f"  {key:13s} {outputs[key]}" for key in ("scan", "model", "segmentation", "qc_json", "report")
-              if outputs.get(key)]
+    keys = ("scan", "model", "segmentation", "qc_json", "report", "analysis_json")
+    lines += [f"  {key:13s} {outputs[key]}" for key in keys if outputs.get(key)]
     return lines + [f"  warning: {w}" for w in result["qc_warnings"]]
