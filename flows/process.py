@@ -86,9 +86,9 @@ def segment_stage(scan: Path, model: Path, output: Path, options: SegmentOptions
 
 @task(name="qc", **RETRIED)
 def qc_stage(seg: Path, *, scan: Path | None = None, truth: Path | None = None, out_dir: Path | None = None,
-             status: RunStatus | None = None, label: str = "") -> dict[str, Any]:
+             suggest: int = 0, status: RunStatus | None = None, label: str = "") -> dict[str, Any]:
     """QC of a finished segmentation: ``qc.json`` + ``report.html``."""
-    return lib.check_segmentation(seg, scan=scan, truth=truth, out_dir=out_dir, status=status,
+    return lib.check_segmentation(seg, scan=scan, truth=truth, out_dir=out_dir, suggest=suggest, status=status,
                                   reporter=_reporter("qc", label or seg.stem, status))
 
 
@@ -211,7 +211,7 @@ def process_scan(
             qc_ = None
             if plan.qc:
                 qc_ = qc_stage(plan.segmentation, scan=plan.scan, truth=cfg.qc.truth, out_dir=plan.qc_dir,
-                               status=status, label=label)
+                               suggest=cfg.qc.suggest, status=status, label=label)
                 outputs.update(qc_json=qc_["json"], report=qc_["html"] or "")
             analysed = None if plan.analyse is None else analyse_stage(
                 plan.segmentation, plan.analyse, plan.analysis_dir, report_dir=plan.qc_dir if plan.qc else None,

@@ -269,6 +269,7 @@ def test_demo_profile_runs_on_server(prefect_server: Server, tmp_path: Path) -> 
     porosity = analysis["phases"]["classes"]["void"]["fraction"]
     assert status["analysis"]["pore"] == {"class": "void", "fraction": porosity} and analysis["objects"]["count"] > 0
     assert '<section id="analysis">' in Path(status["outputs"]["report"]).read_text()
+    assert len(json.loads(Path(status["outputs"]["qc_json"]).read_text())["suggestions"]) == 3  # qc: {suggest: 3}
     assert (out / "seg.analysis" / "meshes" / "void.stl").is_file() and "analysis_json" in proc.stdout
     run_id = status["flow_run_id"]
     assert status["flow_run_url"].endswith(run_id)

@@ -151,3 +151,41 @@ def test_active_learning_bench_quick(tmp_path, capsys):
     plane = np.repeat([[1, 1, 1, 2, 2, 2]], 6, axis=0).repeat(2, axis=1)
     drawn = bench.scribble(plane, np.random.default_rng(0), strokes=2, length=5)
     assert drawn.any() and np.all((drawn == 0) | (drawn == plane))
+
+
+def test_qc_ranks_the_same_slices_with_the_outputs_model(scan, tmp_path, capsys):
+    """``studios qc --suggest N``: qc.json and the report carry what ``suggest`` gives with the saved model."""
+    from pipeline.compute.executors import SerialExecutor
+    from pipeline.segment.run import segment
+
+    model = save_bundle(_model(), tmp_path / "model")
+    seg = tmp_path / "seg.zarr"
+    segment(scan, model, seg, block=(24, 20, 20), executor=SerialExecutor(), qc=False)
+    assert main(["qc", str(seg), "--seam-samples", "0", "--suggest", "2"]) == 0
+    data = json.loads((seg / "qc" / "qc.json").read_text())
+    expected = [s.to_json() for s in suggest(scan, model, n=2)]
+    assert data["suggestions"] == json.loads(json.dumps(expected)) and len(expected) == 2
+    assert {(s["axis"], s["index"]) for s in data["suggestions"]} & {("z", 16), ("z", 17)}  # the ambiguous band
+    page = (seg / "qc" / "report.html").read_text()
+    section = page[page.index('<section id="suggestions">'):]
+    assert f">{data['suggestions'][0]['reason']}</td>" in section[: section.index("</section>")]
+    capsys.readouterr()
+    assert main(["qc", str(seg), "--suggest", "-1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--suggest must be >= 0" in err
+
+
+def test_qc_without_the_saved_model_notes_why_there_are_no_suggestions(scan, tmp_path):
+    import shutil
+
+    from pipeline.compute.executors import SerialExecutor
+    from pipeline.qc.run import run_qc
+    from pipeline.segment.run import segment
+
+    seg = tmp_path / "seg.zarr"
+    segment(scan, save_bundle(_model(), tmp_path / "model"), seg, block=(24, 20, 20), executor=SerialExecutor(),
+            qc=False)
+    shutil.rmtree(seg / "model")
+    result = run_qc(seg, seam_samples=0, suggest=3)
+    assert "suggestions" not in result.data
+    assert any("no saved model: no suggestions" in w for w in result.data["warnings"])

@@ -31,6 +31,9 @@ def _qc_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--seam-box", type=int, default=32, help="edge of a seam-check box in voxels (default 32)")
     p.add_argument("--device", default="cpu", help="device for the seam check (default cpu)")
     p.add_argument("--no-report", action="store_true", help="write qc.json only")
+    p.add_argument("--suggest", type=int, default=0, metavar="N",
+                   help="also rank N slices where to annotate next (as 'studios suggest', with the output's "
+                        "model and its training annotations): qc.json 'suggestions' and a report section")
     p.add_argument("--analysis", type=Path, metavar="PATH",
                    help="analysis.json (or its folder) from 'studios analyse' for the report's Analysis section "
                         "(default: SEG.analysis beside the segmentation, when it analysed this output)")
@@ -42,11 +45,11 @@ def _qc(args: argparse.Namespace) -> int:
     from pipeline.core.progress import TerminalReporter
     from pipeline.qc.run import run_qc
 
-    if args.seam_samples < 0 or args.seam_box < 1:
-        raise ConfigError("--seam-samples must be >= 0 and --seam-box >= 1")
+    if args.seam_samples < 0 or args.seam_box < 1 or args.suggest < 0:
+        raise ConfigError("--seam-samples and --suggest must be >= 0 and --seam-box >= 1")
     result = run_qc(
         args.segmentation, scan=args.scan, truth=args.truth, out_dir=args.out, component_classes=args.classes,
-        analysis=args.analysis,
+        analysis=args.analysis, suggest=args.suggest,
         seam_samples=args.seam_samples, seam_box=args.seam_box, confidence_threshold=args.threshold,
         device=args.device, report=not args.no_report, reporter=TerminalReporter(),
     )

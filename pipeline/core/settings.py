@@ -15,7 +15,7 @@ in the Prefect UI and a deployment's ``parameters:`` all read the same::
     model:    {bundle: PATH} | {init: {classes: [..], seed: 0}} | {train: {annotations: PATH, ...}}
     segment:  {block: 128, probabilities: false, device: cpu, exact: false, retries: 2}
     cluster:  {kind: local, workers: 1, threads_per_worker: 1}   # also address/slurm/cuda/serial
-    qc:       {enabled: true, truth: null}
+    qc:       {enabled: true, truth: null, suggest: 0}
     analyse:  {fibre: fibre, pore: pore, meshes: true}   # optional: objects, orientation, pores
     watch:    {incoming: /data/incoming, interval: 120, settle_seconds: 120}   # studios serve only
 
@@ -188,6 +188,7 @@ class QCOptions(Section):
 
     enabled: Bool = True
     truth: Path | None = None
+    suggest: Int = Field(0, ge=0)  # slices where to annotate next, in qc.json and the report
 
 
 class AnalyseOptions(Section):

@@ -99,6 +99,7 @@ run                               complete, finished, host, studios_version, sec
 warnings[]                        plain-language findings, most important first
 timings                           seconds spent by QC: ledger, pass, seam_check, report, total
 analysis                          (with an analysis.json) json, fibre, pore, objects, main_direction, thumbnail
+suggestions[]                     (with suggest > 0) axis, index, score, box, reason: where to annotate next
 ================================  ===============================================================
 
 Numbers that cannot be defined (e.g. IoU of a class absent from truth and prediction) are null.
@@ -183,6 +184,8 @@ def run_qc(
     drift_threshold: float = 0.25,
     report: bool = True,
     analysis: str | os.PathLike[str] | None = None,
+    suggest: int = 0,
+    suggest_candidates: int | None = None,
     reporter: Reporter | None = None,
 ) -> QCResult:
     """Check a segmentation and write ``qc.json`` (and ``report.html``) into ``out_dir``.
@@ -209,6 +212,10 @@ def run_qc(
         analysis: an ``analysis.json`` (or its folder) of this segmentation, shown in the report's
             Analysis section; default: ``SEG.analysis/`` beside the segmentation when it analysed
             this output. ``qc.json`` records it under ``analysis``.
+        suggest: rank this many slices where to annotate next (``qc.json`` ``suggestions``, the
+            report's "Where to annotate next"), with the output's model and its training
+            annotations (:mod:`pipeline.qc.suggestions`); 0: none.
+        suggest_candidates: candidate slices per axis for ``suggest`` (default 16).
 
     Raises:
         InputError: missing or foreign ``seg``, wrong-shaped scan or truth, unknown class, an
@@ -219,6 +226,8 @@ def run_qc(
     reporter = reporter or NullReporter()
     if not 0.0 < confidence_threshold <= 1.0:
         raise InputError(f"confidence threshold {confidence_threshold} must lie in (0, 1]")
+    if suggest < 0 or (suggest_candidates is not None and suggest_candidates < 1):
+        raise InputError(f"suggest {suggest} must be >= 0 and suggest_candidates >= 1")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     image, group, ledger = open_segmentation(seg)
@@ -250,6 +259,14 @@ def run_qc(
 
     data = assemble(image, attrs, manifest, facts, acc, seam, classes, scan_image, truth, qblock,
                      confidence_threshold)
+    if suggest:
+        from pipeline.qc.suggestions import qc_suggestions
+
+        t = time.perf_counter()
+        found = qc_suggestions(image.path, scan_image, attrs, suggest, notes, candidates=suggest_candidates)
+        if found is not None:
+            data["suggestions"] = found
+        timings["suggestions"] = time.perf_counter() - t
     data["warnings"] = notes + qc_warnings(data, rare_fraction=rare_fraction, drift_threshold=drift_threshold)
     data["timings"] = timings
     if analysed is not None:

@@ -296,7 +296,7 @@ def segment_scan(scan: Path, model: Path, output: Path, options: SegmentOptions,
 
 
 def check_segmentation(seg: Path, *, scan: Path | None = None, truth: Path | None = None,
-                       out_dir: Path | None = None, status: RunStatus | None = None,
+                       out_dir: Path | None = None, suggest: int = 0, status: RunStatus | None = None,
                        reporter: Reporter | None = None) -> dict[str, Any]:
     """QC of a finished segmentation: ``{"json": path, "html": path | None, "data": qc.json content}``."""
     from pipeline.qc.run import run_qc
@@ -304,7 +304,7 @@ def check_segmentation(seg: Path, *, scan: Path | None = None, truth: Path | Non
     reporter = _stage(status, reporter, "qc")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    result = run_qc(seg, scan=scan, truth=truth, out_dir=out_dir, reporter=reporter)
+    result = run_qc(seg, scan=scan, truth=truth, out_dir=out_dir, suggest=suggest, reporter=reporter)
     report = result.report_path
     return {"json": str(result.json_path), "html": str(report) if report else None, "data": dict(result.data)}
 
