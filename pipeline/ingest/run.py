@@ -2,9 +2,12 @@
 
 One streaming pass, slab by slab along z, several slabs in flight on a thread pool: each slab
 is read, checked for NaN/Inf, added to the global intensity statistics and written to its own
-z-range of chunks (slabs are chunk-aligned, so no two threads touch one chunk). Peak memory is
-about ``(workers + 1)`` slabs, independent of the volume size. The output is built under a
-temporary name and renamed into place when complete.
+z-range of chunks (slabs are chunk-aligned, so no two threads touch one chunk). The first
+pyramid level is down-sampled from the slab in memory (two slabs fill one chunk row of level 1,
+written by the driving thread once both are in: no chunk is shared), so level 0 is never read
+back; the coarser levels come from level 1. Peak memory is about ``(workers + 1)`` slabs,
+independent of the volume size. The output is built under a temporary name and renamed into
+place when complete.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from pipeline.io.store import (
     build_pyramid,
     create_array,
     create_group,
+    downsample,
     fit_chunks,
+    has_level,
     multiscales,
     set_studios_attrs,
 )
@@ -41,6 +46,34 @@ from pipeline.io.store import (
 logger = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("error", "zero")
+
+
+class LevelOne:
+    """Level 1 of the pyramid assembled from the down-sampled slabs, one chunk row at a time.
+
+    Slab ``k`` (level-0 z in ``[k C, (k + 1) C)``, ``C`` the chunk height) gives level-1 z in
+    ``[k C / 2, (k + 1) C / 2)``: half a chunk row. Halves are held until their partner arrives
+    and each full row is written once (the last row may be a single half), so no chunk is written
+    twice or from two threads. Needs an even ``C``: an odd slab would be padded at its end where
+    the whole-volume down-sampling is not.
+    """
+
+    def __init__(self, group: Any, shape: Sequence[int], chunks: Sequence[int], dtype: Any) -> None:
+        self.height = int(chunks[0])
+        down = tuple(-(-int(s) // 2) for s in shape)
+        self.array = create_array(group, "1", shape=down, dtype=dtype, chunks=tuple(chunks))
+        self.pending: dict[int, np.ndarray[Any, Any]] = {}
+        self.slabs = -(-int(shape[0]) // self.height)
+
+    def add(self, slab: int, data: np.ndarray[Any, Any]) -> None:
+        """The down-sampled slab number ``slab``; writes its row when the row is complete."""
+        self.pending[slab] = data
+        first = slab - slab % 2
+        parts = [k for k in (first, first + 1) if k < self.slabs]
+        if all(k in self.pending for k in parts):
+            row = np.concatenate([self.pending.pop(k) for k in parts], axis=0)
+            z0 = first * self.height // 2
+            self.array[z0 : z0 + row.shape[0]] = row
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +167,10 @@ def _write(
         set_studios_attrs(group, kind="scan", complete=False)
         total = StatsAccumulator(src.dtype)
         bad = 0
+        in_memory = pyramid and slab % 2 == 0 and has_level(src.shape, 1)
+        level1 = LevelOne(group, src.shape, chunk_shape, src.dtype) if in_memory else None
 
-        def work(z0: int) -> tuple[StatsAccumulator, int]:
+        def work(z0: int) -> tuple[StatsAccumulator, int, np.ndarray[Any, Any] | None]:
             try:
                 data = src.read(z0, min(z0 + slab, src.shape[0]))
             except StudiosError:
@@ -160,31 +195,33 @@ def _write(
             acc = StatsAccumulator(src.dtype)
             acc.add(data)
             array[z0 : z0 + data.shape[0]] = data
-            return acc, count
+            return acc, count, downsample(data, method="mean") if in_memory else None
+
+        def collect(z0: int, fut: Future[tuple[StatsAccumulator, int, np.ndarray[Any, Any] | None]]) -> int:
+            acc, count, down = fut.result()
+            total.merge(acc)
+            if level1 is not None and down is not None:
+                level1.add(z0 // slab, down)
+            reporter.advance(1, voxels=slab * src.shape[1] * src.shape[2])
+            return count
 
         reporter.start("ingest", len(starts))
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            pending: list[Future[tuple[StatsAccumulator, int]]] = []
+            pending: list[tuple[int, Future[tuple[StatsAccumulator, int, np.ndarray[Any, Any] | None]]]] = []
             for z0 in starts:
                 if interrupt.requested() is not None:
                     break  # the slabs in flight finish (bounded: ``workers`` slabs), then we stop
-                pending.append(pool.submit(work, z0))
+                pending.append((z0, pool.submit(work, z0)))
                 if len(pending) > workers:
-                    acc, count = pending.pop(0).result()
-                    total.merge(acc)
-                    bad += count
-                    reporter.advance(1, voxels=slab * src.shape[1] * src.shape[2])
-            for fut in pending:
-                acc, count = fut.result()
-                total.merge(acc)
-                bad += count
-                reporter.advance(1, voxels=slab * src.shape[1] * src.shape[2])
+                    bad += collect(*pending.pop(0))
+            for z0, fut in pending:
+                bad += collect(z0, fut)
         reporter.finish()
         # nothing partial is kept: atomic_directory removes the temporary output on the way out
         interrupt.check(f"ingest of {src.path} stopped before it finished; nothing was written, "
                         "run the same command to start it again")
         stats = total.result()
-        levels = build_pyramid(group, method="mean", workers=workers) if pyramid else 1
+        levels = build_pyramid(group, method="mean", workers=workers, done=2 if in_memory else 1) if pyramid else 1
         group.attrs["ome"] = {
             "version": "0.5",
             "multiscales": [multiscales(levels, voxel_size=voxel_size, unit=unit, name=out.stem)],

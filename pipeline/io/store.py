@@ -134,23 +134,30 @@ def _array(group: zarr.Group, name: str) -> zarr.Array:
     return node
 
 
+def has_level(spatial: Sequence[int], level: int, *, min_size: int = 32, max_levels: int = 5) -> bool:
+    """Whether a pyramid of a (Z, Y, X) shape ``spatial`` gets level ``level`` (>= 1)."""
+    return level < max_levels and min(s // 2**level for s in spatial) >= min_size
+
+
 def build_pyramid(
-    group: zarr.Group, *, method: str, min_size: int = 32, max_levels: int = 5, base: str = "0", workers: int = 1
+    group: zarr.Group, *, method: str, min_size: int = 32, max_levels: int = 5, base: str = "0", workers: int = 1,
+    done: int = 1,
 ) -> int:
-    """Write levels ``1..`` of a 2x pyramid below array ``base``, tile by tile.
+    """Write levels ``done..`` of a 2x pyramid below array ``base``, tile by tile.
 
     Each level is made from the one above in tiles of two source chunks per axis, so every tile
     fills exactly one chunk of the new level (levels share the chunk shape): tiles never share a
     chunk and run on ``workers`` threads. Memory: ``workers`` tiles (e.g. 256^3 as float32 =
-    64 MiB each for 128^3 chunks), whatever the scan's size.
+    64 MiB each for 128^3 chunks), whatever the scan's size. ``done``: levels ``0..done-1``
+    exist already (ingest writes level 1 from the slabs it holds in memory).
 
     Returns the number of levels including level 0.
     """
     source = _array(group, base)
-    levels = 1
+    levels = done
     prefix = base[:-1] if base.endswith("0") else ""
     spatial = source.shape[-3:]
-    while levels < max_levels and min(s // 2 ** levels for s in spatial) >= min_size:
+    while has_level(spatial, levels, min_size=min_size, max_levels=max_levels):
         src = _array(group, f"{prefix}{levels - 1}")
         shape = (*src.shape[:-3], *(-(-s // 2) for s in src.shape[-3:]))
         names: Any = getattr(src.metadata, "dimension_names", None)
