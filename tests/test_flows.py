@@ -260,7 +260,7 @@ def test_demo_profile_runs_on_server(prefect_server: Server, tmp_path: Path) -> 
     out = tmp_path / "demo"
     proc = subprocess.run([*CLI, "run", str(ROOT / "configs" / "demo.yaml"), "--output", str(out)],
                           env=prefect_env(prefect_server.home, prefect_server.url), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)  # ingest, train, segment, QC, analyse
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: cement-demo" in proc.stdout and "report" in proc.stdout
     status = json.loads((out / "studios-run.json").read_text())
