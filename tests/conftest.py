@@ -27,7 +27,7 @@ def _torch_threads() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _auto_precision_is_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``precision="auto"`` (segment's default) resolves from the CPU's bf16 unit; pin "no unit"
+    """``precision="auto"`` resolves from the CPU's bf16 unit; pin "no unit"
     so in-process tests check the same fp32 numerics on every CPU. Tests of ``auto`` patch
     ``bf16_unit`` themselves."""
     from pipeline.segment import precision

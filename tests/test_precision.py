@@ -10,7 +10,7 @@ from pipeline.core.errors import ConfigError, InputError
 from pipeline.models.registry import ARCHITECTURES
 from pipeline.segment import precision
 from pipeline.segment.ledger import CONF_BINS
-from pipeline.segment.post import post_block
+from pipeline.segment.post import _post_torch, post_block
 from pipeline.segment.precision import resolve_precision
 from pipeline.segment.predict import (
     _CHANNELS_LAST,
@@ -19,6 +19,7 @@ from pipeline.segment.predict import (
     numerics,
     quantize,
     softmax_channels,
+    softmax_classes_last,
     to_labels,
 )
 from pipeline.segment.worker import block_stats
@@ -66,11 +67,14 @@ def test_segment_records_the_resolved_precision(tmp_path, monkeypatch):
     scan = make_scan(tmp_path, volume)
     bundle = init_bundle(classes=("a", "b"), params={"channels": 4, "dilations": [1]}, seed=0)
 
-    segment(scan, bundle, tmp_path / "auto.zarr", executor=SerialExecutor(), qc=False, exact=True)
+    segment(scan, bundle, tmp_path / "auto.zarr", executor=SerialExecutor(), qc=False, exact=True, precision="auto")
     ledger = dict(zarr.open_group(str(tmp_path / "auto.zarr"), mode="r").attrs["studios"]["ledger"])
     assert ledger["precision"] == "fp32" and ledger["exact"] is True
     monkeypatch.setattr(precision, "bf16_unit", lambda: "amx_bf16")
-    segment(scan, bundle, tmp_path / "bf16.zarr", executor=SerialExecutor(), qc=False, block=20)
+    segment(scan, bundle, tmp_path / "fp32.zarr", executor=SerialExecutor(), qc=False, block=20)  # the default
+    ledger = dict(zarr.open_group(str(tmp_path / "fp32.zarr"), mode="r").attrs["studios"]["ledger"])
+    assert ledger["precision"] == "fp32"
+    segment(scan, bundle, tmp_path / "bf16.zarr", executor=SerialExecutor(), qc=False, block=20, precision="auto")
     ledger = dict(zarr.open_group(str(tmp_path / "bf16.zarr"), mode="r").attrs["studios"]["ledger"])
     assert ledger["precision"] == "bf16"
 
@@ -100,6 +104,7 @@ def test_post_block_equals_the_numpy_reference():
     np.testing.assert_array_equal(softmax_channels(logits)[0].numpy(), probs)
     post = post_block(logits, probabilities=True)
     labels = to_labels(probs)
+    assert post.confidence.tolist() == block_stats(raw[5:-5, 5:-5, 5:-5], probs, labels, 3).confidence.tolist()
     np.testing.assert_array_equal(post.labels, labels)  # bit for bit, ties included
     np.testing.assert_array_equal(post.probabilities, quantize(probs))
     ref = block_stats(raw[5:-5, 5:-5, 5:-5], probs, labels, 3)
@@ -107,14 +112,23 @@ def test_post_block_equals_the_numpy_reference():
     assert np.abs(post.confidence - ref.confidence).sum() <= 2  # bin edges: float32 vs float64
     assert post.entropy_sum == pytest.approx(ref.entropy_sum, rel=1e-5)
     assert post_block(logits).probabilities is None
+    on_device = _post_torch(softmax_classes_last(logits)[0], True)  # the GPU branch, run on the CPU
+    np.testing.assert_array_equal(on_device.labels, labels)
+    np.testing.assert_array_equal(on_device.probabilities, quantize(probs))
+    assert np.abs(on_device.confidence - post.confidence).sum() <= 2
+    assert on_device.entropy_sum == pytest.approx(ref.entropy_sum, rel=1e-5)
     with pytest.raises(ValueError, match="post_block takes"):
         post_block(logits[0])
 
 
-def test_post_block_ties_take_the_first_class_like_argmax():
+@pytest.mark.parametrize("branch", ["cpu", "torch"])
+def test_post_block_ties_take_the_first_class_like_argmax(branch):
     logits = torch.zeros(1, 3, 2, 2, 2)
     logits[0, 2, 0, 0, 0] = 1.0
-    post = post_block(logits, probabilities=True)
+    if branch == "cpu":
+        post = post_block(logits, probabilities=True)
+    else:
+        post = _post_torch(softmax_classes_last(logits)[0], True)
     assert post.labels[0, 0, 0] == 3 and (post.labels.reshape(-1)[1:] == 1).all()
     assert post.confidence[3] == 7 and post.confidence[5] == 1  # 1/3 and e/(e+2) = 0.576
     assert post.entropy_sum == pytest.approx(7 * np.log(3) + float(torch.special.entr(torch.softmax(

@@ -26,9 +26,9 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--probabilities", action="store_true", help="also write uint8 class probabilities")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N or auto (default cuda with --cluster cuda, else cpu)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="model arithmetic: auto (default: bf16 on CPUs with AMX-BF16/AVX512-BF16, else fp32; "
-                   "see docs/exactness.md), fp32, bf16, or fp16 autocast on GPUs (docs/gpu.md)")
+    p.add_argument("--precision", choices=("fp32", "auto", "bf16", "fp16"), default="fp32",
+                   help="model arithmetic: fp32 (default), auto (bf16 on CPUs with AMX-BF16/AVX512-BF16, else "
+                   "fp32; see docs/exactness.md), bf16, or fp16 autocast on GPUs (docs/gpu.md)")
     p.add_argument("--exact", action="store_true",
                    help="bit-identical to a whole-volume pass (disables oneDNN; slower on CPU); always fp32: "
                    "makes --precision auto fp32, refuses bf16/fp16")

@@ -5,7 +5,8 @@ bfloat16, channels-last copy of the model (weights converted once per worker pro
 :func:`pipeline.segment.predict.forward`); on GPUs ``torch.autocast``. ``fp16`` is autocast
 (GPUs). ``auto`` picks ``bf16`` for CPU blocks on a CPU with a bf16 matrix or dot-product
 unit (AMX-BF16 or AVX512-BF16) and ``fp32`` everywhere else; ``exact`` always means ``fp32``.
-The label agreement that makes ``auto`` safe is measured in docs/exactness.md.
+``fp32`` stays the default: the bf16 label agreement measured in docs/exactness.md missed the
+criterion (99.95 % of voxels, 0.05 percentage points per class) on one real scan.
 """
 
 from __future__ import annotations
