@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -55,7 +57,7 @@ def test_bf16_unit_reads_cpu_flags(tmp_path, monkeypatch):
     assert set(facts) == {"torch_cpu_capability", "bf16_unit"}
 
 
-def test_segment_records_the_resolved_precision(tmp_path, monkeypatch):
+def test_segment_records_the_resolved_precision(tmp_path, monkeypatch, caplog):
     import zarr
     from conftest import make_scan
 
@@ -67,7 +69,9 @@ def test_segment_records_the_resolved_precision(tmp_path, monkeypatch):
     scan = make_scan(tmp_path, volume)
     bundle = init_bundle(classes=("a", "b"), params={"channels": 4, "dilations": [1]}, seed=0)
 
-    segment(scan, bundle, tmp_path / "auto.zarr", executor=SerialExecutor(), qc=False, exact=True, precision="auto")
+    with caplog.at_level(logging.WARNING, logger="pipeline.segment.run"):
+        segment(scan, bundle, tmp_path / "auto.zarr", executor=SerialExecutor(), qc=False, exact=True, precision="auto")
+    assert "precision auto with exact: running fp32" in caplog.text
     ledger = dict(zarr.open_group(str(tmp_path / "auto.zarr"), mode="r").attrs["studios"]["ledger"])
     assert ledger["precision"] == "fp32" and ledger["exact"] is True
     monkeypatch.setattr(precision, "bf16_unit", lambda: "amx_bf16")

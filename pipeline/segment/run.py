@@ -228,8 +228,10 @@ def _validate(
     spec = cluster or ClusterSpec()
     device = device or (spec.device if executor is None else "cpu")
     resolved = resolve_precision(precision, device, exact=exact)  # unknown name / exact with bf16: errors
-    if resolved != precision:
-        logger.info("precision %s: running %s (%s)", precision, resolved, "exact" if exact else f"device {device}")
+    if exact and precision == "auto":
+        logger.warning("precision auto with exact: running fp32 (exact mode is always fp32)")
+    elif resolved != precision:
+        logger.info("precision %s: running %s on device %s", precision, resolved, device)
     if executor is None:
         preflight(spec)  # dask-cuda / GPUs / sbatch present, before any output is written
     if executor is not None or spec.kind == "local":
