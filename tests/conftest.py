@@ -25,6 +25,16 @@ def _torch_threads() -> Iterator[None]:
     yield
 
 
+@pytest.fixture(autouse=True)
+def _auto_precision_is_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``precision="auto"`` resolves from the CPU's bf16 unit; pin "no unit"
+    so in-process tests check the same fp32 numerics on every CPU. Tests of ``auto`` patch
+    ``bf16_unit`` themselves."""
+    from pipeline.segment import precision
+
+    monkeypatch.setattr(precision, "bf16_unit", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def dask_address() -> Iterator[str]:
     """A real LocalCluster (2 worker processes, 1 thread each) shared by the session's tests."""

@@ -26,10 +26,12 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--probabilities", action="store_true", help="also write uint8 class probabilities")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N or auto (default cuda with --cluster cuda, else cpu)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="model arithmetic: fp32 (default, exact) or bf16/fp16 autocast on GPUs (see docs/gpu.md)")
+    p.add_argument("--precision", choices=("fp32", "auto", "bf16", "fp16"), default="fp32",
+                   help="model arithmetic: fp32 (default), auto (bf16 on CPUs with AMX-BF16/AVX512-BF16, else "
+                   "fp32; see docs/exactness.md), bf16, or fp16 autocast on GPUs (docs/gpu.md)")
     p.add_argument("--exact", action="store_true",
-                   help="bit-identical to a whole-volume pass (disables oneDNN; slower on CPU)")
+                   help="bit-identical to a whole-volume pass (disables oneDNN; slower on CPU); always fp32: "
+                   "makes --precision auto fp32, refuses bf16/fp16")
     p.add_argument("--skip-constant", action="store_true", help="skip blocks whose input is constant (air)")
     p.add_argument("--mask", type=Path, help="a studios image; blocks where it is 0 everywhere are skipped")
     p.add_argument("--retries", type=int, default=2, help="extra attempts per block (default 2)")

@@ -127,7 +127,7 @@ class SegmentOptions(Section):
     chunks: Triple | None = None
     probabilities: Bool = False
     device: Str | None = None  # default cuda on GPU clusters, else cpu
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "auto", "bf16", "fp16"] = "fp32"  # auto: bf16 on CPUs with a bf16 unit, else fp32
     exact: Bool = False
     skip_constant: Bool = False
     mask: Path | None = None

@@ -29,9 +29,11 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.normalize import apply_affine
 from pipeline.io.store import PAD_MODE
 from pipeline.models.base import StridefreeModel
+from pipeline.segment.precision import PRECISIONS, autocast
 
-#: ``precision`` names and the autocast dtype they run the model under (None: plain float32).
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["PRECISIONS", "NumericsGate", "autocast", "forward", "forward_logits", "numerics", "predict",
+           "predict_volume", "quantize", "resolve_device", "softmax_channels", "softmax_classes_last", "to_labels",
+           "top2_margin"]
 
 
 def resolve_device(name: str = "cpu") -> torch.device:
@@ -137,16 +139,6 @@ def numerics(*, exact: bool) -> Iterator[None]:
         yield
 
 
-def autocast(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast`` for ``bf16``/``fp16`` on ``device``; nothing for ``fp32``."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def predict(
     model: StridefreeModel,
     data: np.ndarray[Any, Any],
@@ -184,67 +176,98 @@ def forward(
         data: (Z + 2h, Y + 2h, X + 2h) raw intensities, any numeric dtype; or (N, ...) a batch
             of equal-shaped boxes (the batch axis changes no voxel's arithmetic).
         offset, scale: the global affine normalisation ``(x - offset) * scale``.
-        precision: ``fp32`` (default, exact), or ``bf16``/``fp16``: the model runs under
-            ``torch.autocast`` and the softmax in float32 (see docs/gpu.md for the deviation).
+        precision: ``fp32`` (default, exact), or ``bf16``/``fp16`` (see :func:`forward_logits`);
+            the softmax is always float32.
 
     Returns:
         (K, Z, Y, X) float32 softmax probabilities on the CPU ((N, K, Z, Y, X) for a batch).
     """
+    logits = forward_logits(model, data, offset=offset, scale=scale, device=device, precision=precision)
+    probs = softmax_channels(logits).cpu().numpy()
+    return probs if data.ndim == 4 else probs[0]
+
+
+def forward_logits(
+    model: StridefreeModel,
+    data: np.ndarray[Any, Any],
+    *,
+    offset: float,
+    scale: float,
+    device: torch.device | None = None,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """Normalise and run the model: ``(N, K, Z, Y, X)`` float32 logits, on ``device``.
+
+    ``data`` as for :func:`forward` (a single box gets N = 1). On the CPU with oneDNN on (not
+    exact mode) the model runs channels-last (NDHWC) from a per-process copy of its weights:
+    float32 for ``fp32``, bfloat16 for ``bf16`` (weights converted once, activations bf16 from
+    the input to the logits, no per-layer casts or layout reorders). The logits come back
+    float32, in whatever memory layout the model produced (channels-last on that path).
+    Elsewhere ``bf16``/``fp16`` run under ``torch.autocast``.
+    """
     device = device or torch.device("cpu")
-    batch = data.ndim == 4
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is unknown here; use one of {', '.join(PRECISIONS)}")
     x = torch.from_numpy(apply_affine(data, offset, scale))
-    x = x[:, None] if batch else x[None, None]
+    x = x[:, None] if data.ndim == 4 else x[None, None]
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
-    elif torch.backends.mkldnn.enabled and precision == "fp32":  # not in exact mode: its kernels stay
-        model = _channels_last(model)
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+    elif torch.backends.mkldnn.enabled and precision in ("fp32", "bf16"):  # not in exact mode: its kernels stay
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        fast = _channels_last(model, dtype)
+        return fast(x.to(dtype=dtype, memory_format=torch.channels_last_3d)).float()
     with autocast(device, precision):
         logits = model(x)
-    if precision != "fp32":
-        logits = logits.float()
-    probs = softmax_channels(logits).float().cpu().numpy()
-    return probs if batch else probs[0]
+    return logits.float()
 
 
-_CHANNELS_LAST: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, ...], torch.nn.Module]] = (
-    weakref.WeakKeyDictionary()
-)
+_CHANNELS_LAST: weakref.WeakKeyDictionary[
+    torch.nn.Module, dict[torch.dtype, tuple[tuple[int, ...], torch.nn.Module]]
+] = weakref.WeakKeyDictionary()
 _CHANNELS_LAST_LOCK = threading.Lock()
 
 
-def _channels_last(model: StridefreeModel) -> StridefreeModel:
-    """A copy of ``model`` with channels-last (NDHWC) weights, cached per model and weights version.
+def _channels_last(model: StridefreeModel, dtype: torch.dtype = torch.float32) -> StridefreeModel:
+    """A copy of ``model`` with channels-last (NDHWC) weights in ``dtype``, cached per model,
+    dtype and weights version (so a worker converts its weights once, not per block).
 
     On NCDHW tensors oneDNN reorders each convolution's input and output to its blocked layout
     and back; on NDHWC tensors it runs directly: 1.1-1.5x faster forwards on CPU, results within
     float rounding of the plain layout (bench/flops.py). Used only while oneDNN is on, so exact
     mode keeps its bit-identical kernels. A changed weight (training) rebuilds the copy.
+    ``dtype=torch.bfloat16`` also converts the buffers (a filter bank's taps).
     """
     try:
         version = tuple(p._version for p in model.parameters())
     except RuntimeError:  # inference tensors have no version counter (and cannot change)
         version = ()
     with _CHANNELS_LAST_LOCK:
-        hit = _CHANNELS_LAST.get(model)
+        per_dtype = _CHANNELS_LAST.setdefault(model, {})
+        hit = per_dtype.get(dtype)
         if hit is None or hit[0] != version:
             with torch.inference_mode(False), torch.no_grad():
-                fast = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+                fast = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
                 fast.requires_grad_(False)
             hit = (version, fast)
-            _CHANNELS_LAST[model] = hit
+            per_dtype[dtype] = hit
         return hit[1]  # type: ignore[return-value]
 
 
-def softmax_channels(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the class axis of ``(N, K, Z, Y, X)``, computed voxel by voxel.
+def softmax_classes_last(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``(N, K, Z, Y, X)`` logits as a contiguous ``(N, Z, Y, X, K)`` tensor.
 
     ``torch.softmax(dim=1)`` vectorises across voxels, so a voxel's result depends on where it
     falls in the SIMD loop (i.e. on the block shape). Moving classes last makes every voxel take
-    the same code path, which keeps blockwise probabilities bit-identical.
+    the same code path, which keeps blockwise probabilities bit-identical. On channels-last
+    logits (the CPU fast path) the move is free: they already are classes-last in memory.
     """
-    moved = logits.permute(0, 2, 3, 4, 1).contiguous()
-    return torch.softmax(moved, dim=-1).permute(0, 4, 1, 2, 3)
+    return torch.softmax(logits.permute(0, 2, 3, 4, 1).contiguous(), dim=-1)
+
+
+def softmax_channels(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the class axis of ``(N, K, Z, Y, X)``, computed voxel by voxel: the
+    ``(N, K, Z, Y, X)`` view of :func:`softmax_classes_last`."""
+    return softmax_classes_last(logits).permute(0, 4, 1, 2, 3)
 
 
 def predict_volume(

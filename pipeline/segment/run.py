@@ -34,7 +34,6 @@ from pipeline.compute.cluster import ClusterSpec, open_client, preflight
 from pipeline.compute.executors import DaskExecutor, Executor, RunOutcome, SerialExecutor
 from pipeline.core.errors import (
     BlockFailedError,
-    ConfigError,
     DiskFullError,
     InputError,
     StudiosError,
@@ -55,7 +54,8 @@ from pipeline.io.store import (
 from pipeline.segment.ledger import SKIPPED, BlockStats, Ledger
 from pipeline.segment.output import open_output
 from pipeline.segment.plan import DEFAULT_BLOCK, make_plan, manifest
-from pipeline.segment.predict import PRECISIONS, resolve_device
+from pipeline.segment.precision import resolve_precision
+from pipeline.segment.predict import resolve_device
 from pipeline.segment.worker import SegmentJob, run_block
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class _Inputs:
     mask: Image | None
     spec: ClusterSpec
     device: str
+    precision: str  # resolved: fp32, bf16 or fp16
 
 
 def segment(
@@ -147,7 +148,11 @@ def segment(
         executor: run blocks with this executor (e.g. :class:`SerialExecutor`).
         probabilities: also write ``probabilities/0`` (K, Z, Y, X) uint8.
         device: torch device of the blocks; default ``cuda`` on GPU clusters, else ``cpu``.
-        precision: ``fp32`` (default), ``bf16`` or ``fp16`` autocast (GPU; see docs/gpu.md).
+        precision: ``fp32`` (default), ``bf16``, ``fp16`` (GPU autocast; see docs/gpu.md), or
+            ``auto``: ``bf16`` on CPUs with a bf16 unit (AMX-BF16 or AVX512-BF16), else ``fp32``,
+            decided on the machine that calls segment(). Not the default: bf16 missed the label
+            agreement criterion on one real scan (docs/exactness.md). ``exact`` makes ``auto``
+            ``fp32``; ``exact`` with ``bf16``/``fp16`` is an error.
         exact: bit-identical to the whole-volume reference (oneDNN off; slower on CPU).
         skip_constant: blocks whose input is constant (air) are written as 0 and skipped.
         mask: a studios image; blocks where it is all 0 are skipped.
@@ -167,6 +172,7 @@ def segment(
     inputs = _validate(scan, model, mask, cluster=cluster, executor=executor, device=device,
                        precision=precision, exact=exact)
     bundle, image = inputs.bundle, inputs.image
+    precision = inputs.precision
     plan = make_plan(image.shape, bundle.halo, block=block, chunks=chunks, device=inputs.device,
                      model=bundle.build, precision=precision)
     wanted = manifest(plan, scan=scan, fingerprint=bundle.fingerprint, probabilities=probabilities, exact=exact,
@@ -221,15 +227,16 @@ def _validate(
                          "give a matching mask")
     spec = cluster or ClusterSpec()
     device = device or (spec.device if executor is None else "cpu")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
-    if exact and precision != "fp32":
-        raise InputError(f"exact=True needs precision fp32, not {precision}; drop --exact or --precision")
+    resolved = resolve_precision(precision, device, exact=exact)  # unknown name / exact with bf16: errors
+    if exact and precision == "auto":
+        logger.warning("precision auto with exact: running fp32 (exact mode is always fp32)")
+    elif resolved != precision:
+        logger.info("precision %s: running %s on device %s", precision, resolved, device)
     if executor is None:
         preflight(spec)  # dask-cuda / GPUs / sbatch present, before any output is written
     if executor is not None or spec.kind == "local":
         resolve_device(device)  # blocks run here (or on this machine): the device must exist
-    return _Inputs(image=image, bundle=bundle, mask=mask_image, spec=spec, device=device)
+    return _Inputs(image=image, bundle=bundle, mask=mask_image, spec=spec, device=device, precision=resolved)
 
 
 def _job(

@@ -3,8 +3,9 @@
 A task receives a :class:`SegmentJob` (paths and a few numbers) and a :class:`Block`
 (coordinates); it never receives voxel data. Its path, one step per module::
 
-    store.read_padded -> predict.predict -> trim (the model is valid: its output *is* the write box)
-      -> block_stats -> store.write_box (labels, probabilities) -> Ledger.mark (stats, then marker)
+    store.read_padded -> predict.forward_logits (the model is valid: its output *is* the write box)
+      -> post.post_block (softmax, labels, confidence, entropy, uint8 probabilities, one pass)
+      -> class_sums -> store.write_box (labels, probabilities) -> Ledger.mark (stats, then marker)
 
 Each worker process keeps a small cache (:class:`WorkerCache`): the model per (bundle,
 fingerprint, device), and the open arrays (scan, mask, outputs, ledger) per run. A run is
@@ -35,7 +36,8 @@ from pipeline.io.outputs import storage_error
 from pipeline.io.store import read_padded, write_box
 from pipeline.models.base import StridefreeModel
 from pipeline.segment.ledger import CONF_BINS, BlockStats, Ledger
-from pipeline.segment.predict import predict, quantize, resolve_device, to_labels
+from pipeline.segment.post import post_block
+from pipeline.segment.predict import forward_logits, numerics, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -154,18 +156,14 @@ class WorkerCache:
 CACHE = WorkerCache()
 
 
-def block_stats(
-    raw: np.ndarray[Any, Any], probs: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], classes: int
-) -> BlockStats:
-    """Per-block sums used by QC: class counts, per-class intensity sums, confidence histogram.
+def class_sums(
+    raw: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], classes: int
+) -> tuple[np.ndarray[Any, np.dtype[np.float64]], ...]:
+    """(counts, isum, isum2): per-class voxel counts and sums of raw intensity and its square.
 
     Args:
         raw: (Z, Y, X) raw intensities of the write box.
-        probs: (K, Z, Y, X) float32 probabilities.
         labels: (Z, Y, X) uint8 labels 1..K.
-
-    Returns:
-        The block's stats without stage times (the caller adds them).
     """
     flat = labels.reshape(-1).astype(np.int64) - 1
     counts = np.bincount(flat, minlength=classes).astype(np.float64)
@@ -185,6 +183,23 @@ def block_stats(
         values = raw.reshape(-1).astype(np.float64)
         isum = np.bincount(flat, weights=values, minlength=classes).astype(np.float64)
         isum2 = np.bincount(flat, weights=values * values, minlength=classes).astype(np.float64)
+    return counts, isum, isum2
+
+
+def block_stats(
+    raw: np.ndarray[Any, Any], probs: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], classes: int
+) -> BlockStats:
+    """Per-block sums used by QC from numpy probabilities (the reference of :func:`post_block`).
+
+    Args:
+        raw: (Z, Y, X) raw intensities of the write box.
+        probs: (K, Z, Y, X) float32 probabilities.
+        labels: (Z, Y, X) uint8 labels 1..K.
+
+    Returns:
+        The block's stats without stage times (the caller adds them).
+    """
+    counts, isum, isum2 = class_sums(raw, labels, classes)
     top = probs[0]  # max over classes, plane by plane (faster than max(axis=0) on forward()'s layout)
     for k in range(1, len(probs)):
         top = np.maximum(top, probs[k])
@@ -236,19 +251,27 @@ def run_block(job: SegmentJob, block: Block, *, cache: WorkerCache = CACHE) -> d
         return _skip(run, job, block, "constant input", read_s=t_read)
 
     model = cache.model(job)
+    device = resolve_device(job.device)
     t1 = time.perf_counter()
-    probs = predict(model, raw, offset=job.offset, scale=job.scale, device=resolve_device(job.device),
-                    precision=job.precision, exact=job.exact)
-    t_fwd = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    labels = to_labels(probs)  # (Z, Y, X): the valid model's output is the write box, nothing to trim
-    partial = block_stats(inner, probs, labels, job.classes)
+    with numerics(exact=job.exact):
+        logits = forward_logits(model, raw, offset=job.offset, scale=job.scale, device=device,
+                                precision=job.precision)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # forward_s is the forward's time, not the post's
+        t_fwd = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        # labels, confidence, entropy (and uint8 probabilities) in one pass over the logits
+        post = post_block(logits, probabilities=run.probabilities is not None)
+    del logits
+    counts, isum, isum2 = class_sums(inner, post.labels, job.classes)
+    partial = BlockStats(classes=job.classes, voxels=float(post.labels.size), counts=counts, isum=isum,
+                         isum2=isum2, confidence=post.confidence, entropy_sum=post.entropy_sum)
     t_post = time.perf_counter() - t2
     t3 = time.perf_counter()
     what = f"block {block.id}"
-    write_box(run.labels, block.write, labels, where=job.output, what=what)
-    if run.probabilities is not None:
-        write_box(run.probabilities, block.write, quantize(probs), where=job.output, what=what)
+    write_box(run.labels, block.write, post.labels, where=job.output, what=what)
+    if run.probabilities is not None and post.probabilities is not None:
+        write_box(run.probabilities, block.write, post.probabilities, where=job.output, what=what)
     t_write = time.perf_counter() - t3
     stats = dataclasses.replace(partial, read_s=t_read, normalize_s=t_post, forward_s=t_fwd, write_s=t_write)
     try:
