@@ -16,7 +16,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.blas import pin_mkl_code_path
+
 __version__ = "0.1.0"
+
+pin_mkl_code_path()  # before any computation: one MKL code path, so --exact is bit-identical (core/blas.py)
 
 _EXPORTS: dict[str, str] = {
     "ingest": "pipeline.ingest.run",

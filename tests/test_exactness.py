@@ -172,3 +172,29 @@ def test_bundle_in_memory_and_saved_give_same_result(tmp_path, rng):
     segment(scan, save_bundle(bundle, tmp_path / "m"), tmp_path / "b.zarr", block=8, chunks=(8, 8, 8),
             executor=SerialExecutor(), exact=True)
     assert np.array_equal(_labels(tmp_path / "a.zarr"), _labels(tmp_path / "b.zarr"))
+
+
+def test_mkl_code_path_is_pinned_unless_the_user_chose_one(tmp_path):
+    """``import pipeline`` pins MKL's code path (exact mode's GEMMs); a user's MKL_CBWR wins."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.core.blas import cpu_flags, mkl_code_path, pin_mkl_code_path
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx fma avx2\n")
+    assert cpu_flags(info) >= {"avx2", "fma"} and mkl_code_path(cpu_flags(info)) == "AVX2"
+    assert mkl_code_path(frozenset({"avx2", "avx512f"})) == "AVX512" and mkl_code_path(frozenset({"sse2"})) is None
+    env: dict[str, str] = {}
+    assert pin_mkl_code_path(env, info) == "AVX2" and env == {"MKL_CBWR": "AVX2"}
+    env = {"MKL_CBWR": "COMPATIBLE"}
+    assert pin_mkl_code_path(env, info) == "COMPATIBLE" and env == {"MKL_CBWR": "COMPATIBLE"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+    code = "import os, pipeline; print(os.environ.get('MKL_CBWR'))"
+    clean = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    seen = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
+    assert seen.stdout.strip() == str(mkl_code_path(cpu_flags()))
+    mine = subprocess.run([sys.executable, "-c", code], env={**clean, "MKL_CBWR": "AVX"}, capture_output=True,
+                          text=True, check=True)
+    assert mine.stdout.strip() == "AVX"
