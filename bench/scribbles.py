@@ -91,7 +91,8 @@ def run_variant(scan: Path, volume: np.ndarray[Any, Any], ann: np.ndarray[Any, A
             t = np.log(np.maximum(np.asarray(m["teacher_prior"]), 1e-4) / np.asarray(m["prior_train"]))
             alt["teacher-prior"] = to_labels(logits + t.astype(np.float32)[:, None, None, None])
     pred = to_labels(probs)
-    return {"pred": pred, "alt": alt, "steps": res.steps, "final_steps": m.get("final_steps"), "stopped": m.get("stopped"),
+    return {"pred": pred, "alt": alt, "steps": res.steps, "final_steps": m.get("final_steps"),
+            "stopped": m.get("stopped"),
             "train_s": train_s, "cpu_s": cpu_s, "prior_scan": m.get("prior_scan"), "teacher": m.get("teacher")}
 
 

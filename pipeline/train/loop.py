@@ -26,6 +26,10 @@ Recipe (modules of :mod:`pipeline.train`):
   at most 20 % of each class's labelled voxels, none for a class with fewer than 3 strokes;
 * :mod:`~pipeline.train.fit`: Adam (:mod:`~pipeline.train.optim`), learning rate halved when
   validation stalls, early stopping, best weights, then training continues on ALL labels;
+* :mod:`~pipeline.train.teacher`: for sparse annotations (scribbles: labelled voxels under half of
+  the labelled planes' area), a random forest on fixed filter features, fitted on the training
+  strokes, pseudo-labels every unlabelled voxel of the labelled planes; the network learns from
+  strokes and pseudo-labels (``teacher="auto"``, the default; off for full slices);
 * :mod:`~pipeline.train.priors`: the unlabelled voxels give the scan's class priors (EM on the
   model's posteriors), folded into the output bias (``prior_shift=True``, the default);
 * :mod:`~pipeline.train.unlabelled`: optional losses on unlabelled voxels (confident
@@ -170,6 +174,10 @@ def train(
             windows; ``entropy``; ``none``, the default).
         prior_shift: after training, estimate the scan's class priors on unlabelled slabs (EM)
             and fold the correction into the output bias (:mod:`pipeline.train.priors`).
+        teacher: ``auto`` (forest pseudo-labels when the annotations are sparse), ``forest``
+            (always) or ``off`` (:mod:`pipeline.train.teacher`); teacher_weight: weight of the
+            pseudo-label loss against the labelled loss (>= 0); teacher_keep: share of each
+            class's pseudo-labelled voxels kept, most confident first, in (0, 1].
 
     Returns:
         :class:`TrainResult`.
