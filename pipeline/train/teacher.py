@@ -25,6 +25,10 @@ the teacher, 0.902 / 0.898 with all pseudo-labels at weight 1 (the defaults), ag
 0.856 for the forest itself; weight 3 gave 0.889 (seed 12), keep 0.8 at weight 0.5 gave 0.879
 (seed 11).
 
+Cost: the features and the forest's predictions cover the labelled planes' whole in-plane
+regions and come out of the training budget; a few seconds for 3 planes of 128^2 on one core,
+growing with the plane area (not measured on large scans).
+
 Sparse means: labelled voxels are less than :data:`SPARSE_FRACTION` of the labelled planes'
 area (scribbles on a 128^2 slice cover ~1 %, full slices 100 %); ``teacher="auto"`` (the
 default) uses the teacher only then.
