@@ -39,6 +39,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         DEFAULT_VAL_FRACTION,
         STEPS_PER_EPOCH,
     )
+    from pipeline.train.teacher import DEFAULT_MODE as DEFAULT_TEACHER
+    from pipeline.train.teacher import KEEP, SPARSE_FRACTION, WEIGHT
+    from pipeline.train.teacher import MODES as TEACHERS
     from pipeline.train.unlabelled import DEFAULT_MODE, MODES
 
     p = sub.add_parser(
@@ -77,6 +80,17 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help=f"use of the unlabelled voxels (default {DEFAULT_MODE}): pseudo: confident pseudo-labels on "
                    "unlabelled slabs under random flips/rotations; windows: the same on the training windows; "
                    "entropy: entropy minimisation; none: labelled voxels only")
+    p.add_argument("--teacher", choices=TEACHERS, default=DEFAULT_TEACHER,
+                   help=f"dense pseudo-labels for sparse annotations (default {DEFAULT_TEACHER}): forest: a random "
+                   "forest on filter features, fitted on the strokes, labels the unlabelled voxels of the labelled "
+                   "planes (class priors by EM, the most confident share of each class kept) and the network learns "
+                   f"from strokes and pseudo-labels; auto: forest when labelled voxels cover less than "
+                   f"{SPARSE_FRACTION:g} of the labelled planes (scribbles), else off; off: labelled voxels only")
+    p.add_argument("--teacher-weight", type=float, default=WEIGHT,
+                   help=f"weight of the pseudo-label loss against the labelled loss (default {WEIGHT:g})")
+    p.add_argument("--teacher-keep", type=float, default=KEEP,
+                   help=f"share of each class's pseudo-labelled voxels kept, most confident first, in (0, 1] "
+                   f"(default {KEEP:g})")
     p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
                    help=f"epochs without validation improvement before stopping (default {DEFAULT_PATIENCE})")
     p.add_argument("--steps-per-epoch", type=int, default=STEPS_PER_EPOCH,
@@ -152,7 +166,8 @@ def _train(args: argparse.Namespace) -> int:
         minutes=args.minutes, epochs=args.epochs, seed=args.seed, device=args.device, batch_size=args.batch_size,
         patch=args.patch, val_fraction=args.val_fraction, patience=args.patience, steps_per_epoch=args.steps_per_epoch,
         threads=args.threads, overwrite=args.overwrite, unlabelled=args.unlabelled,
-        prior_shift=args.prior_shift, reporter=TrainingBar(unit="step" if args.epochs else "s"),
+        prior_shift=args.prior_shift, teacher=args.teacher, teacher_weight=args.teacher_weight,
+        teacher_keep=args.teacher_keep, reporter=TrainingBar(unit="step" if args.epochs else "s"),
     )
     print(summary_line(r))
     return 0
@@ -168,6 +183,8 @@ def summary_line(r: TrainResult) -> str:
             f"({m.get('stopped')})")
     if m.get("final_steps"):
         head += f", then {m['final_steps']} steps on all {m.get('final_voxels')} labelled voxels"
+    if m.get("pseudo_voxels"):
+        head += "; pseudo-labels from the forest teacher: " + " / ".join(str(v) for v in m["pseudo_voxels"])
     if m.get("prior_shift"):
         head += "; scan class priors " + " / ".join(f"{v:.3f}" for v in m["prior_scan"]) + " (unlabelled voxels, EM)"
     if "val_accuracy" not in m:

@@ -48,35 +48,44 @@ class Fit:
     def __init__(self, model: StridefreeModel, planes: list[Plane], sampler: Sampler, *, offset: float,
                  scale: float, device: torch.device, lr: float, batch_size: int, rng: np.random.Generator,
                  classes: int, unlabelled: str = "none", pool: UnlabelledPool | None = None,
-                 warmup: int = 0) -> None:
+                 warmup: int = 0, pseudo_weight: float = 0.0) -> None:
         self.model, self.planes, self.sampler = model, planes, sampler
         self.offset, self.scale, self.device, self.rng = offset, scale, device, rng
         self.batch_size, self.k, self.lr = batch_size, classes, lr
         self.unlabelled, self.pool, self.warmup = unlabelled, pool, warmup
+        self.pseudo_weight = float(pseudo_weight) if any(pl.pseudo is not None for pl in planes) else 0.0
         self.opt = Adam(model.parameters(), lr=lr)
         self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.epochs = self.steps = self.final_steps = 0
         self.has_val = any(pl.val_windows for pl in planes)
         self.confident = 0.0
-        self.class_counts = np.zeros(classes, dtype=np.int64)  # supervised voxels per class, all steps
+        self.class_counts = np.zeros(classes)  # supervised voxels per class (loss weight), all steps
 
     def step(self) -> tuple[float, int, int]:
         """One optimiser step; returns (labelled loss, correct, supervised voxels)."""
         self.model.train()
         h, s = self.model.halo, self.sampler.size
-        groups: dict[tuple[int, ...], list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]] = {}
+        groups: dict[tuple[int, ...], list[tuple[np.ndarray[Any, Any], ...]]] = {}
         for _ in range(self.batch_size):
             i, u0, v0 = self.sampler.window()
             pl = self.planes[i]
             xr, yr = patch(pl, u0, v0, s, s, h, pl.train)
             sym = symmetry(self.rng)
             xg, y = apply_symmetry(xr, sym), np.ascontiguousarray(apply_symmetry(yr, sym))
-            groups.setdefault(xg.shape, []).append((xg, y))
+            if self.pseudo_weight and pl.pseudo is not None:
+                yp = np.ascontiguousarray(apply_symmetry(patch(pl, u0, v0, s, s, h, pl.pseudo)[1], sym))
+            else:
+                yp = np.full_like(y, -1)
+            groups.setdefault(xg.shape, []).append((xg, y, yp))
         self.opt.zero_grad(set_to_none=True)
-        n = sum(int((y >= 0).sum()) for members in groups.values() for _, y in members)
+        n = sum(int((g[1] >= 0).sum()) for members in groups.values() for g in members)
+        n_p = sum(int((g[2] >= 0).sum()) for members in groups.values() for g in members)
+        w_p = self.pseudo_weight / max(n_p, 1) * max(n, 1)  # pseudo-label weight per voxel, strokes = 1
         for members in groups.values():
-            for _, y in members:
+            for _, y, yp in members:
                 self.class_counts += np.bincount(y[y >= 0].ravel(), minlength=self.k)[: self.k]
+                if n_p:
+                    self.class_counts += w_p * np.bincount(yp[yp >= 0].ravel(), minlength=self.k)[: self.k]
         total, correct = 0.0, 0
         for group in groups.values():
             jittered = [intensity(g[0], self.offset, self.scale, self.rng) for g in group]
@@ -84,8 +93,13 @@ class Fit:
             yt = torch.from_numpy(np.stack([g[1] for g in group])).to(self.device)
             logits = self.model(xt.to(self.device))
             loss = F.cross_entropy(logits, yt, ignore_index=-1, reduction="sum") / max(n, 1)
+            if n_p:
+                pt = torch.from_numpy(np.stack([g[2] for g in group])).to(self.device)
+                loss = loss + self.pseudo_weight * F.cross_entropy(logits, pt, ignore_index=-1,
+                                                                   reduction="sum") / n_p
             if self.unlabelled == "windows" and self.steps >= self.warmup:
-                clean = np.stack([apply_affine(np.ascontiguousarray(g[0]), self.offset, self.scale) for g in group])
+                clean = np.stack([apply_affine(np.ascontiguousarray(g[0]), self.offset, self.scale)
+                                  for g in group])
                 with torch.no_grad():
                     self.model.eval()
                     conf, pseudo = F.softmax(self.model(torch.from_numpy(clean[:, None]).to(self.device)), 1).max(1)

@@ -26,6 +26,10 @@ Recipe (modules of :mod:`pipeline.train`):
   at most 20 % of each class's labelled voxels, none for a class with fewer than 3 strokes;
 * :mod:`~pipeline.train.fit`: Adam (:mod:`~pipeline.train.optim`), learning rate halved when
   validation stalls, early stopping, best weights, then training continues on ALL labels;
+* :mod:`~pipeline.train.teacher`: for sparse annotations (scribbles: labelled voxels under half of
+  the labelled planes' area), a random forest on fixed filter features, fitted on the training
+  strokes, pseudo-labels every unlabelled voxel of the labelled planes; the network learns from
+  strokes and pseudo-labels (``teacher="auto"``, the default; off for full slices);
 * :mod:`~pipeline.train.priors`: the unlabelled voxels give the scan's class priors (EM on the
   model's posteriors), folded into the output bias (``prior_shift=True``, the default);
 * :mod:`~pipeline.train.unlabelled`: optional losses on unlabelled voxels (confident
@@ -66,6 +70,11 @@ from pipeline.train.fit import FINAL_SHARE, Fit
 from pipeline.train.optim import Adam
 from pipeline.train.priors import shift_priors
 from pipeline.train.sampling import Sampler, patch_size, read_plane
+from pipeline.train.teacher import DEFAULT_MODE as DEFAULT_TEACHER
+from pipeline.train.teacher import KEEP as TEACHER_KEEP
+from pipeline.train.teacher import MODES as TEACHERS
+from pipeline.train.teacher import WEIGHT as TEACHER_WEIGHT
+from pipeline.train.teacher import labelled_fraction, pseudo_labels, use_teacher
 from pipeline.train.unlabelled import DEFAULT_MODE, MODES, POOL, UnlabelledPool
 from pipeline.train.validation import MAX_FRACTION, MIN_STROKES, split_strokes
 
@@ -131,6 +140,9 @@ def train(
     overwrite: bool = False,
     unlabelled: str = DEFAULT_MODE,
     prior_shift: bool = True,
+    teacher: str = DEFAULT_TEACHER,
+    teacher_weight: float = TEACHER_WEIGHT,
+    teacher_keep: float = TEACHER_KEEP,
 ) -> TrainResult:
     """Train ``arch`` on ``annotations`` of ``scan`` and save the bundle to ``output_dir``.
 
@@ -162,6 +174,10 @@ def train(
             windows; ``entropy``; ``none``, the default).
         prior_shift: after training, estimate the scan's class priors on unlabelled slabs (EM)
             and fold the correction into the output bias (:mod:`pipeline.train.priors`).
+        teacher: ``auto`` (forest pseudo-labels when the annotations are sparse), ``forest``
+            (always) or ``off`` (:mod:`pipeline.train.teacher`); teacher_weight: weight of the
+            pseudo-label loss against the labelled loss (>= 0); teacher_keep: share of each
+            class's pseudo-labelled voxels kept, most confident first, in (0, 1].
 
     Returns:
         :class:`TrainResult`.
@@ -172,7 +188,7 @@ def train(
     out = Path(output_dir)
     _check_options(minutes=minutes, epochs=epochs, batch_size=batch_size, patch=patch,
                    val_fraction=val_fraction, patience=patience, lr=lr, steps_per_epoch=steps_per_epoch,
-                   unlabelled=unlabelled)
+                   unlabelled=unlabelled, teacher=teacher, teacher_weight=teacher_weight, teacher_keep=teacher_keep)
     image = open_image(scan, kind="scan")
     shape = tuple(int(s) for s in image.shape)
     if len(shape) != 3:
@@ -204,6 +220,9 @@ def train(
         size = patch_size(patch, shape, ann)
         planes = [read_plane(image.array, shape, pl.axis, pl.index, pl.labels, h, size) for pl in ann.planes]
         split = split_strokes(planes, val_fraction, rng, len(names), size)
+        teach = use_teacher(teacher, ann)
+        taught = (pseudo_labels(image.array, shape, planes, len(names), offset=offset, scale=scale, seed=seed,
+                                threads=n_threads, keep=teacher_keep) if teach else {"teacher": "off"})
         sampler = Sampler(planes, len(names), size, rng)
         n_val = int(sum(split["held"]))
         logger.info("training %s (halo %d, %d parameters) on %d planes: %d training, %d validation voxels "
@@ -216,7 +235,7 @@ def train(
                                   n=POOL if unlabelled in ("pseudo", "entropy") else PRIOR_SLABS)
         fit = Fit(model, planes, sampler, offset=offset, scale=scale, device=torch_device, lr=lr,
                   batch_size=batch_size, rng=rng, classes=len(names), unlabelled=unlabelled, pool=pool,
-                  warmup=steps_per_epoch)
+                  warmup=steps_per_epoch, pseudo_weight=teacher_weight if teach else 0.0)
 
         def on_all_labels() -> Sampler:
             for q in planes:
@@ -236,7 +255,8 @@ def train(
     seconds = time.perf_counter() - t_start
     metrics = {**history, "train_voxels": sampler.n_train, "final_voxels": fit.sampler.n_train,
                "val_held": {name: split["held"][k] for k, name in enumerate(names)},
-               "val_strokes": {name: split["held_strokes"][k] for k, name in enumerate(names)}, **priors}
+               "val_strokes": {name: split["held_strokes"][k] for k, name in enumerate(names)}, **priors,
+               "labelled_fraction": round(labelled_fraction(ann), 5), **taught}
     provenance = {
         "kind": "trained",
         "scan": str(Path(scan).resolve()),
@@ -257,7 +277,8 @@ def train(
         "recipe": {"batch_size": batch_size, "patch": size, "lr": lr, "val_fraction": val_fraction,
                    "patience": patience, "steps_per_epoch": steps_per_epoch, "minutes": minutes, "epochs": epochs,
                    "val_split": "strokes", "val_max_fraction": MAX_FRACTION, "val_min_strokes": MIN_STROKES,
-                   "final_share": FINAL_SHARE, "unlabelled": unlabelled, "prior_shift": prior_shift},
+                   "final_share": FINAL_SHARE, "unlabelled": unlabelled, "prior_shift": prior_shift,
+                   "teacher": teacher, "teacher_weight": teacher_weight, "teacher_keep": teacher_keep},
         "metrics": metrics,
         "studios_version": __version__,
         "torch_version": torch.__version__,
@@ -293,6 +314,12 @@ def _check_options(**opts: Any) -> None:
         raise ConfigError(f"lr {opts['lr']} must be positive")
     if opts["unlabelled"] not in MODES:
         raise ConfigError(f"unlabelled {opts['unlabelled']!r} must be one of {', '.join(MODES)}")
+    if opts["teacher"] not in TEACHERS:
+        raise ConfigError(f"teacher {opts['teacher']!r} must be one of {', '.join(TEACHERS)}")
+    if not (math.isfinite(float(opts["teacher_weight"])) and float(opts["teacher_weight"]) >= 0):
+        raise ConfigError(f"teacher weight {opts['teacher_weight']} must be a number >= 0")
+    if not 0.0 < float(opts["teacher_keep"]) <= 1.0:
+        raise ConfigError(f"teacher keep {opts['teacher_keep']} must lie in (0, 1]")
 
 
 def _class_names(classes: Sequence[str] | None, ann: Annotations) -> tuple[str, ...]:

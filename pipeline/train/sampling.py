@@ -30,6 +30,7 @@ class Plane:
     ``slab``: (1 + 2h, A + 2h, B + 2h) raw scan values around the region ``A x B`` that starts
     at ``origin`` in plane coordinates. ``train``/``val``: (A, B) int64 class index (label - 1),
     -1 where not used. ``val_windows``: (u0, v0, su, sv) output windows covering ``val``.
+    ``pseudo``: None, or (A, B) pseudo-labels of a teacher on unlabelled voxels (-1 elsewhere).
     """
 
     axis: int
@@ -39,6 +40,7 @@ class Plane:
     train: np.ndarray[Any, Any]
     val: np.ndarray[Any, Any]
     val_windows: list[tuple[int, int, int, int]]
+    pseudo: np.ndarray[Any, Any] | None = None  # (A, B) teacher class index, -1 unused (pipeline.train.teacher)
 
     def merge_validation(self) -> None:
         """Give the held-out voxels back to training (after the validated phase)."""

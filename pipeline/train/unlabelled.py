@@ -20,8 +20,10 @@ phantom at equal optimiser steps (docs/accuracy.md, "Scribbles"), ``pseudo`` and
 scored below ``none`` (mean IoU 0.794 / 0.794 against 0.836): the confident pseudo-labels are
 dominated by the matrix and wear the rare pores away, so ``none`` stays the default until a
 variant wins by measurement. What did win is :mod:`pipeline.train.priors` (class priors of the
-scan from the unlabelled voxels, on by default). Inference is unchanged: the same stride-free network, so blockwise
-output still equals whole-volume output.
+scan from the unlabelled voxels, on by default) and, for scribbles, dense pseudo-labels from a
+feature teacher (:mod:`pipeline.train.teacher`, on by default for sparse annotations).
+Inference is unchanged: the same stride-free network, so blockwise output still equals
+whole-volume output.
 """
 
 from __future__ import annotations
