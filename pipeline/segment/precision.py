@@ -28,14 +28,11 @@ BF16_FLAGS: tuple[str, ...] = ("amx_bf16", "avx512_bf16")
 
 
 def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    try:
-        with open(path, encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return frozenset()
+    from pathlib import Path
+
+    from pipeline.core.blas import cpu_flags
+
+    return cpu_flags(Path(path))
 
 
 def _torch_bf16_units() -> list[str]:
