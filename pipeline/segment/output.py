@@ -7,6 +7,10 @@ uint8, the ledger over the block grid, ``studios`` attributes (``complete`` fals
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +24,8 @@ from pipeline.io.outputs import check_output
 from pipeline.io.store import create_array, create_group, set_studios_attrs, studios_attrs
 from pipeline.segment.ledger import Ledger, check_manifest
 from pipeline.segment.plan import Plan
+
+logger = logging.getLogger(__name__)
 
 
 def open_output(
@@ -53,6 +59,7 @@ def _prepare_output(
         finished = attrs.get("complete", False)
         if group is not None and attrs.get("kind") == "segmentation" and not finished and not overwrite:
             check_manifest(attrs.get("ledger"), manifest, str(out))
+            sweep_orphans(out)
             return group, True
         if not overwrite:
             what = "a finished segmentation" if finished else "something that is not a studios segmentation"
@@ -64,6 +71,29 @@ def _prepare_output(
     else:
         check_output(out, inputs=inputs, overwrite=overwrite)
     return create_group(out), False
+
+
+#: zarr's LocalStore writes ``NAME.<uuid4 hex>.partial`` and renames it: a writer killed in between leaves it.
+_ORPHAN = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def sweep_orphans(out: Path) -> int:
+    """Remove the temporary chunk files a killed writer left in ``out``; how many.
+
+    Called on resume, under the output's lock and before any block is dispatched, so no writer
+    of this output is running: every such file is an orphan (its chunk is rewritten, or was
+    never done, per the ledger).
+    """
+    removed = 0
+    for folder, _, files in os.walk(out):
+        for name in files:
+            if _ORPHAN.search(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+    if removed:
+        logger.info("%s: removed %d temporary chunk file(s) left by an interrupted run", out, removed)
+    return removed
 
 
 def _create_output(group: zarr.Group, plan: Plan, bundle: ModelBundle, *, probabilities: bool) -> None:
