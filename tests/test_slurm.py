@@ -304,6 +304,7 @@ def test_walltime_stop_then_the_same_sbatch_resumes(slurm, tmp_path):
            f"--output={tmp_path}/job-%j.out", str(template), str(config)]
     seg = out / "seg.zarr"
     jobs: list[tuple[str, str, str, int]] = []
+    late = False
     for _ in range(5):
         r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
@@ -321,10 +322,14 @@ def test_walltime_stop_then_the_same_sbatch_resumes(slurm, tmp_path):
         if state == "COMPLETED":
             break
         assert state in ("FAILED", "TIMEOUT"), (state, log[-2000:])
+        finished = seg.exists() and zarr.open_group(str(seg), mode="r").attrs["studios"].get("complete") is True
+        if state == "FAILED" and not code.startswith("143") and finished and jobs[-1][3] == 64:
+            late = True  # the signal landed after the output was complete (teardown): nothing to redo
+            break
         if state == "FAILED":  # stopped by the pre-walltime SIGTERM: a clean stop
             assert code.startswith("143"), (code, log[-2000:])
             assert "studios: interrupted: " in log and "run the same command to" in log, log[-2000:]
-    assert jobs[-1][1] == "COMPLETED" and len(jobs) >= 2, jobs
+    assert (jobs[-1][1] == "COMPLETED" or late) and len(jobs) >= 2, jobs
     assert any(0 < done < 64 for _, _, _, done in jobs[:-1]), jobs  # some job stopped half-way
     run = zarr.open_group(str(seg), mode="r").attrs["studios"]
     assert run["complete"] is True and run["run"]["blocks_resumed"] == jobs[-2][3], (run["run"], jobs)
