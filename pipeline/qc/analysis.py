@@ -20,6 +20,8 @@ import numpy as np
 
 from pipeline.core.errors import InputError
 from pipeline.qc import figures
+from pipeline.qc.formats import num as _num
+from pipeline.qc.formats import pct as _pct
 
 logger = logging.getLogger(__name__)
 
@@ -82,20 +84,6 @@ def summary(data: Mapping[str, Any], path: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the section
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def _pct(value: Any) -> str:
-    return "n/a" if value is None else f"{100 * float(value):.3g} %"
 
 
 def section(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,8 @@ import zarr
 
 from pipeline.io.store import Image
 from pipeline.qc import figures
+from pipeline.qc.formats import num as _num
+from pipeline.qc.formats import pct as _pct
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SECTIONS = ("summary", "warnings", "slices", "fractions", "profiles", "intensity", "confidence", "suggestions",
@@ -104,22 +106,6 @@ def _environment() -> jinja2.Environment:
 
 
 # ----------------------------------------------------------------------------- formatting
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def _pct(value: Any) -> str:
-    return "n/a" if value is None else f"{100 * float(value):.3g} %"
 
 
 def _dims(values: Sequence[Any], sep: str = " x ") -> str:
