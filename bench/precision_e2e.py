@@ -82,8 +82,10 @@ def main() -> None:
                                    "fractions": r.class_fractions})
                 if prec not in labels:
                     labels[prec] = np.asarray(open_image(out, kind="segmentation").array[...])
-                print(f"{prec} run {rep + 1}: {wall:.1f}s, {n / wall / 1e6:.3f} Mvox/s, forward {runs[prec][-1]['forward']:.1f}s "
-                      f"over {r.blocks_total} blocks (stage seconds {r.stage_seconds}); {_common.load_line()}", flush=True)
+                fwd = runs[prec][-1]["forward"]
+                print(f"{prec} run {rep + 1}: {wall:.1f}s, {n / wall / 1e6:.3f} Mvox/s, forward {fwd:.1f}s "
+                      f"over {r.blocks_total} blocks (stage seconds {r.stage_seconds}); {_common.load_line()}",
+                      flush=True)
     best = {p: min(runs[p], key=lambda x: x["wall"]) for p in runs}
     agree = 100.0 * float((labels["fp32"] == labels["bf16"]).mean())
     f32, f16 = best["fp32"]["fractions"], best["bf16"]["fractions"]
@@ -101,7 +103,8 @@ def main() -> None:
     print()
     print(_common.table(["precision", "best wall s", "Mvox/s", "forward s (summed)", "forward GFLOP/s (output)",
                          "GFLOP/s with halo", "mm limit GFLOP/s", "share of limit"], rows))
-    print(f"\n{args.size}^3, {bundle.arch} (halo {bundle.halo}, {flops / 1e3:.1f} kFLOP/voxel), {args.reps} runs each: "
+    print(f"\n{args.size}^3, {bundle.arch} (halo {bundle.halo}, {flops / 1e3:.1f} kFLOP/voxel), "
+          f"{args.reps} runs each: "
           f"speed bf16/fp32 {best['fp32']['wall'] / best['bf16']['wall']:.2f}x end to end, "
           f"{best['fp32']['forward'] / best['bf16']['forward']:.2f}x forward; labels agree {agree:.4f} %; "
           f"largest class-fraction shift {shift:.4f} pp")

@@ -83,7 +83,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--teacher", choices=TEACHERS, default=DEFAULT_TEACHER,
                    help=f"dense pseudo-labels for sparse annotations (default {DEFAULT_TEACHER}): forest: a random "
                    "forest on filter features, fitted on the strokes, labels the unlabelled voxels of the labelled "
-                   "planes (its argmax; the most confident --teacher-keep share of each class kept) and the network learns "
+                   "planes (its argmax; the most confident --teacher-keep share of each class kept) and the network "
+                   "learns "
                    f"from strokes and pseudo-labels; auto: forest when labelled voxels cover less than "
                    f"{SPARSE_FRACTION:g} of the labelled planes (scribbles), else off; off: labelled voxels only")
     p.add_argument("--teacher-weight", type=float, default=WEIGHT,
@@ -96,7 +97,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--steps-per-epoch", type=int, default=STEPS_PER_EPOCH,
                    help=f"optimiser steps between validations (default {STEPS_PER_EPOCH})")
     p.add_argument("--threads", type=int,
-                   help="torch CPU threads (default: the CPUs this process may use, less the current load average)")
+                   help="torch CPU threads (default: the CPUs this process may use, less those other processes "
+                   "keep busy now)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle in MODEL_DIR")
     p.set_defaults(handler=_train)
 

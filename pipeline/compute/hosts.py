@@ -6,6 +6,8 @@ Standard library only.
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 #: glibc malloc settings for ``worker_heap: retain``: one arena, no mmap for large blocks, never
 #: trim. A block's tensors (hundreds of MiB) are then reused from the heap instead of being
@@ -29,6 +31,36 @@ def cpu_count() -> int:
             if value.isdigit() and int(value) > 0:
                 return min(n, int(value))
     return n
+
+
+def busy_cpus(interval: float = 0.25, stat: Path = Path("/proc/stat")) -> float | None:
+    """CPUs that all processes keep busy, measured over the next ``interval`` seconds.
+
+    From the aggregate ``cpu`` line of ``/proc/stat`` (busy = not idle and not waiting on I/O),
+    times the CPUs the kernel counts. Unlike the 1-minute load average it does not still count
+    a job that ended seconds ago. None where ``stat`` is unreadable or did not advance.
+    """
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            with stat.open() as f:
+                fields = f.readline().split()
+        except OSError:
+            return None
+        if not fields or fields[0] != "cpu" or len(fields) < 5:
+            return None
+        ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(ticks), ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(interval)
+    second = sample()
+    if second is None or second[0] <= first[0]:
+        return None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return max(0.0, 1.0 - idle / total) * (os.cpu_count() or 1)
 
 
 def allocation_memory() -> int | None:

@@ -340,18 +340,25 @@ def _class_names(classes: Sequence[str] | None, ann: Annotations) -> tuple[str, 
 
 
 def default_threads() -> int:
-    """CPUs this process may use, less those other processes keep busy (1-minute load average).
+    """CPUs this process may use, less those other processes keep busy now. At least 1.
 
     Oversubscribed OpenMP threads spin-wait: on a 2-core machine with a load of 5, two training
-    threads ran 3-5x slower per step than one. At least 1.
+    threads ran 3-5x slower per step than one. "Now" is a quarter-second sample of
+    ``/proc/stat`` (:func:`~pipeline.compute.hosts.busy_cpus`): the 1-minute load average,
+    used before, still counted a job that had ended seconds earlier, so a training started
+    right after another one ran on 1 of 2 idle cores. The load average is the fallback.
     """
-    from pipeline.compute.hosts import cpu_count
+    from pipeline.compute.hosts import busy_cpus, cpu_count
 
     n = cpu_count()
-    try:
-        busy = int(os.getloadavg()[0])
-    except (AttributeError, OSError):  # pragma: no cover - platforms without getloadavg
-        busy = 0
+    measured = busy_cpus()
+    if measured is not None:
+        busy = int(measured + 0.5)
+    else:
+        try:
+            busy = int(os.getloadavg()[0])
+        except (AttributeError, OSError):  # pragma: no cover - platforms without getloadavg
+            busy = 0
     return max(1, min(n, n - busy))
 
 
