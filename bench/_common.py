@@ -26,6 +26,20 @@ if str(ROOT) not in sys.path:  # run as ``python bench/x.py`` from anywhere
     sys.path.insert(0, str(ROOT))
 
 
+def matmul_gflops(n: int = 4096, reps: int = 3, dtype: Any = None) -> float:
+    """GFLOP/s of ``torch.mm`` on n x n matrices (float32, or ``dtype``), best of ``reps``."""
+    import torch
+
+    a, b = torch.rand(n, n, dtype=dtype), torch.rand(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
 def load_line() -> str:
     """``load average 1/5/15 min`` and the number of cores, one line."""
     try:

@@ -44,14 +44,6 @@ import _common  # noqa: E402
 import torch  # noqa: E402
 
 
-def matmul_gflops(n: int = 4096, reps: int = 3) -> float:
-    a = torch.rand(n, n)
-    b = torch.rand(n, n)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
-    return 2 * n**3 / best / 1e9
-
-
 def _timed(fn: Callable[[], Any]) -> float:
     t = time.perf_counter()
     fn()
@@ -200,7 +192,7 @@ def main() -> None:
     best: dict[tuple[str, int], float] = {}
     for nt in threads:
         torch.set_num_threads(nt)
-        mm[nt] = matmul_gflops()
+        mm[nt] = _common.matmul_gflops()
         with torch.inference_mode():
             for name in list(variants):  # warm-up at this thread count
                 attempt(name)

@@ -32,18 +32,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def mm_limit(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
-    """GFLOP/s of ``torch.mm`` on n x n matrices of ``dtype`` (best of ``reps``)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best / 1e9
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
@@ -56,12 +44,13 @@ def main() -> None:
     from pipeline.ingest.run import ingest_array
     from pipeline.io.bundle import load_bundle
     from pipeline.io.store import open_image
+    from pipeline.segment.plan import DEFAULT_BLOCK
     from pipeline.segment.precision import cpu_facts
     from pipeline.segment.run import segment
 
     bundle = load_bundle(args.model)
     print(_common.machine_facts({"cpu numerics": cpu_facts(), "torch threads": args.threads}))
-    limits = {"fp32": mm_limit(torch.float32), "bf16": mm_limit(torch.bfloat16)}
+    limits = {"fp32": _common.matmul_gflops(), "bf16": _common.matmul_gflops(dtype=torch.bfloat16)}
     print(f"torch.mm 4096^2: fp32 {limits['fp32']:.0f} GFLOP/s, bf16 {limits['bf16']:.0f} GFLOP/s "
           f"({limits['bf16'] / limits['fp32']:.2f}x); {_common.load_line()}", flush=True)
     volume = _common.cement_volume((args.size,) * 3)
@@ -91,8 +80,8 @@ def main() -> None:
     f32, f16 = best["fp32"]["fractions"], best["bf16"]["fractions"]
     shift = max(abs(f16[c] - f32[c]) * 100.0 for c in f32)
     flops = bundle.build().flops_per_voxel()
-    block = 128  # the CPU default block edge; the halo is recomputed around each
-    halo_factor = ((block + 2 * bundle.halo) / block) ** 3
+    edge = min(DEFAULT_BLOCK, args.size)  # the default block edge; its halo is recomputed around each block
+    halo_factor = ((edge + 2 * bundle.halo) / edge) ** 3
     rows = []
     for p in ("fp32", "bf16"):
         b = best[p]

@@ -84,8 +84,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help=f"dense pseudo-labels for sparse annotations (default {DEFAULT_TEACHER}): forest: a random "
                    "forest on filter features, fitted on the strokes, labels the unlabelled voxels of the labelled "
                    "planes (its argmax; the most confident --teacher-keep share of each class kept) and the network "
-                   "learns "
-                   f"from strokes and pseudo-labels; auto: forest when labelled voxels cover less than "
+                   f"learns from strokes and pseudo-labels; auto: forest when labelled voxels cover less than "
                    f"{SPARSE_FRACTION:g} of the labelled planes (scribbles), else off; off: labelled voxels only")
     p.add_argument("--teacher-weight", type=float, default=WEIGHT,
                    help=f"weight of the pseudo-label loss against the labelled loss (default {WEIGHT:g})")
