@@ -261,7 +261,8 @@ def test_training_option_errors(data):
     with pytest.raises(ConfigError, match="unlabelled"):
         train(data["scan"], data["ann"], data["tmp"] / "x", unlabelled="magic", epochs=1)
     with pytest.raises(InputError):  # annotations for another shape
-        train(data["scan"], from_array(np.arange(64, dtype=np.uint8).reshape(4, 4, 4) % 2 + 1), data["tmp"] / "x", epochs=1)
+        other = from_array(np.arange(64, dtype=np.uint8).reshape(4, 4, 4) % 2 + 1)
+        train(data["scan"], other, data["tmp"] / "x", epochs=1)
     with pytest.raises(InputError):  # labels beyond the named classes
         train(data["scan"], data["ann"], data["tmp"] / "x", classes=("only",), epochs=1)
 
@@ -285,10 +286,15 @@ def test_cli_train_and_bad_input(data):
     base = [str(STUDIOS), "train", str(data["scan"])]
     opts = ["--epochs", "1", "--steps-per-epoch", "3", "--patch", "16", "--batch-size", "2",
             "--params", '{"channels": 4, "dilations": [1], "head": 0}', "--classes", "dark", "bright"]
-    ok = subprocess.run([*base, str(tmp / "ann.npy"), str(tmp / "cli_model"), *opts],
+    ok = subprocess.run([*base, str(tmp / "ann.npy"), str(tmp / "cli_model"), *opts, "--prior-shift", "on"],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("wrote ") and "mean IoU" in ok.stdout and len(ok.stdout.strip().splitlines()) == 1
+    assert "scan class priors" in ok.stdout  # forced on for these full slices
+    odd = subprocess.run([*base, str(tmp / "ann.npy"), str(tmp / "cli_odd"), *opts, "--prior-shift", "often"],
+                         capture_output=True, text=True, timeout=120)
+    assert odd.returncode == 2 and "--prior-shift" in odd.stderr and "often" in odd.stderr
+    assert not (tmp / "cli_odd").exists()
     assert "held-out voxels (" in ok.stdout and "steps on all" in ok.stdout
     assert load_bundle(tmp / "cli_model").classes == ("dark", "bright")
     np.save(tmp / "wrong.npy", np.ones((3, 3, 3), np.uint8))
@@ -334,6 +340,17 @@ def test_stroke_split_holds_out_whole_strokes_within_the_cap_per_class():
                    val=np.full_like(labels, -1), val_windows=[])]
     assert split_strokes(again, 0.0, np.random.default_rng(0), 3, size=32)["held"] == [0, 0, 0]
     assert not again[0].val_windows
+
+
+def test_best_epoch_is_chosen_by_mean_iou_then_loss():
+    from pipeline.train.fit import better, selection_score
+
+    early, later = selection_score(0.921, 0.080), selection_score(0.939, 0.095)
+    assert better(later, early) and not better(early, later)  # a higher IoU wins though its loss is higher
+    perfect_a, perfect_b = selection_score(1.0, 0.020), selection_score(1.0, 0.010)
+    assert better(perfect_b, perfect_a) and not better(perfect_a, perfect_b)  # all right: the lower loss wins
+    assert not better(selection_score(1.0, 0.0100001), selection_score(1.0, 0.0100002))  # below 0.01 %: a tie
+    assert selection_score(0.93214, 0.1) == selection_score(0.93206, 0.1)  # IoU compared to 4 decimals
 
 
 def test_make_scribbles_draws_short_strokes_inside_the_classes():
@@ -409,8 +426,27 @@ def test_prior_shift_moves_exactly_the_output_bias(arch):
 
 
 def test_prior_shift_is_recorded_and_can_be_turned_off(data):
-    on = train(data["scan"], data["ann"], data["tmp"] / "prior_on", epochs=1, **FAST)
+    on = train(data["scan"], data["ann"], data["tmp"] / "prior_on", epochs=1, prior_shift="on", **FAST)
     off = train(data["scan"], data["ann"], data["tmp"] / "prior_off", epochs=1, prior_shift=False, **FAST)
     m = on.metrics
     assert len(m["prior_scan"]) == 2 and abs(sum(m["prior_scan"]) - 1) < 1e-3 and m["prior_shift"] is not None
+    assert on.provenance["recipe"]["prior_shift"] is True
     assert "prior_scan" not in off.metrics and off.provenance["recipe"]["prior_shift"] is False
+
+
+def test_prior_shift_auto_is_on_for_scribbles_only(data):
+    from pipeline.train.priors import use_prior_shift
+
+    full = data["ann"]  # full slices: their class mix is the scan's, no shift
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[5, 3:9, 4] = 1
+    labels[5, 20:26, 30] = 2
+    scribbles = from_array(labels, source="strokes")
+    assert use_prior_shift("auto", full) is False and use_prior_shift("auto", scribbles) is True
+    assert use_prior_shift("on", full) is True and use_prior_shift("off", scribbles) is False
+    assert use_prior_shift(True, full) is True and use_prior_shift(False, scribbles) is False
+    auto = train(data["scan"], data["ann"], data["tmp"] / "prior_auto", epochs=1, **FAST)
+    assert "prior_scan" not in auto.metrics and auto.provenance["recipe"]["prior_shift"] is False
+    with pytest.raises(ConfigError, match="prior shift 'sometimes' must be one of auto, on, off"):
+        train(data["scan"], data["ann"], data["tmp"] / "prior_bad", epochs=1, prior_shift="sometimes", **FAST)
+    assert not (data["tmp"] / "prior_bad").exists()

@@ -39,6 +39,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         DEFAULT_VAL_FRACTION,
         STEPS_PER_EPOCH,
     )
+    from pipeline.train.priors import MODES as PRIOR_MODES
     from pipeline.train.teacher import DEFAULT_MODE as DEFAULT_TEACHER
     from pipeline.train.teacher import KEEP, SPARSE_FRACTION, WEIGHT
     from pipeline.train.teacher import MODES as TEACHERS
@@ -73,9 +74,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="share of each class's labelled voxels held out for validation as whole strokes, at most "
                    f"0.2 (default {DEFAULT_VAL_FRACTION:g}; none for a class with fewer than 3 strokes; 0 turns "
                    "validation off); after early stopping, training continues on all labels")
-    p.add_argument("--no-prior-shift", dest="prior_shift", action="store_false",
-                   help="keep the class priors of training; by default the scan's class priors are estimated on "
-                   "unlabelled voxels (EM) after training and folded into the output bias")
+    p.add_argument("--prior-shift", choices=PRIOR_MODES, default="auto",
+                   help="after training, estimate the scan's class priors on unlabelled voxels (EM) and fold them "
+                   "into the output bias: on, off, or auto (default: on for sparse annotations such as "
+                   "scribbles, off for full slices, whose class mix is already the scan's)")
+    p.add_argument("--no-prior-shift", dest="prior_shift", action="store_const", const="off",
+                   help="the same as --prior-shift off")
     p.add_argument("--unlabelled", choices=MODES, default=DEFAULT_MODE,
                    help=f"use of the unlabelled voxels (default {DEFAULT_MODE}): pseudo: confident pseudo-labels on "
                    "unlabelled slabs under random flips/rotations; windows: the same on the training windows; "

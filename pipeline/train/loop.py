@@ -31,7 +31,8 @@ Recipe (modules of :mod:`pipeline.train`):
   strokes, pseudo-labels every unlabelled voxel of the labelled planes; the network learns from
   strokes and pseudo-labels (``teacher="auto"``, the default; off for full slices);
 * :mod:`~pipeline.train.priors`: the unlabelled voxels give the scan's class priors (EM on the
-  model's posteriors), folded into the output bias (``prior_shift=True``, the default);
+  model's posteriors), folded into the output bias (``prior_shift="auto"``, the default: for
+  sparse annotations only);
 * :mod:`~pipeline.train.unlabelled`: optional losses on unlabelled voxels (confident
   pseudo-labels under random symmetries, or entropy minimisation); off by default
   (``unlabelled="none"``): they did not win by measurement on scribbles.
@@ -68,7 +69,8 @@ from pipeline.segment.predict import resolve_device
 from pipeline.train.annotations import AXES, Annotations, load_annotations
 from pipeline.train.fit import FINAL_SHARE, Fit
 from pipeline.train.optim import Adam
-from pipeline.train.priors import shift_priors
+from pipeline.train.priors import MODES as PRIOR_MODES
+from pipeline.train.priors import shift_priors, use_prior_shift
 from pipeline.train.sampling import Sampler, patch_size, read_plane
 from pipeline.train.teacher import DEFAULT_MODE as DEFAULT_TEACHER
 from pipeline.train.teacher import KEEP as TEACHER_KEEP
@@ -139,7 +141,7 @@ def train(
     reporter: Reporter | None = None,
     overwrite: bool = False,
     unlabelled: str = DEFAULT_MODE,
-    prior_shift: bool = True,
+    prior_shift: bool | str = "auto",
     teacher: str = DEFAULT_TEACHER,
     teacher_weight: float = TEACHER_WEIGHT,
     teacher_keep: float = TEACHER_KEEP,
@@ -172,8 +174,10 @@ def train(
             :data:`pipeline.train.unlabelled.MODES` (``pseudo``: confident pseudo-labels on
             unlabelled slabs under random symmetries; ``windows``: the same on the training
             windows; ``entropy``; ``none``, the default).
-        prior_shift: after training, estimate the scan's class priors on unlabelled slabs (EM)
-            and fold the correction into the output bias (:mod:`pipeline.train.priors`).
+        prior_shift: ``"on"``/True: after training, estimate the scan's class priors on unlabelled
+            slabs (EM) and fold the correction into the output bias (:mod:`pipeline.train.priors`);
+            ``"off"``/False: keep the training priors; ``"auto"`` (default): on for sparse
+            annotations (scribbles), off for full slices, whose class mix is the scan's.
         teacher: ``auto`` (forest pseudo-labels when the annotations are sparse), ``forest``
             (always) or ``off`` (:mod:`pipeline.train.teacher`); teacher_weight: weight of the
             pseudo-label loss against the labelled loss (>= 0); teacher_keep: share of each
@@ -188,7 +192,8 @@ def train(
     out = Path(output_dir)
     _check_options(minutes=minutes, epochs=epochs, batch_size=batch_size, patch=patch,
                    val_fraction=val_fraction, patience=patience, lr=lr, steps_per_epoch=steps_per_epoch,
-                   unlabelled=unlabelled, teacher=teacher, teacher_weight=teacher_weight, teacher_keep=teacher_keep)
+                   unlabelled=unlabelled, teacher=teacher, teacher_weight=teacher_weight, teacher_keep=teacher_keep,
+                   prior_shift=prior_shift)
     image = open_image(scan, kind="scan")
     shape = tuple(int(s) for s in image.shape)
     if len(shape) != 3:
@@ -221,6 +226,7 @@ def train(
         planes = [read_plane(image.array, shape, pl.axis, pl.index, pl.labels, h, size) for pl in ann.planes]
         split = split_strokes(planes, val_fraction, rng, len(names), size)
         teach = use_teacher(teacher, ann)
+        shift = use_prior_shift(prior_shift, ann)
         taught = (pseudo_labels(image.array, shape, planes, len(names), offset=offset, scale=scale, seed=seed,
                                 threads=n_threads, keep=teacher_keep) if teach else {"teacher": "off"})
         sampler = Sampler(planes, len(names), size, rng)
@@ -230,7 +236,7 @@ def train(
                     n_val, split["held_strokes"])
         axes = sorted({pl.axis for pl in ann.planes})
         pool = None
-        if unlabelled in ("pseudo", "entropy") or prior_shift:
+        if unlabelled in ("pseudo", "entropy") or shift:
             pool = UnlabelledPool(image.array, shape, axes, h, size, rng,
                                   n=POOL if unlabelled in ("pseudo", "entropy") else PRIOR_SLABS)
         fit = Fit(model, planes, sampler, offset=offset, scale=scale, device=torch_device, lr=lr,
@@ -243,14 +249,14 @@ def train(
             return Sampler(planes, len(names), size, rng)
 
         if minutes is not None:
-            deadline = t_start + minutes * 60.0 - (min(PRIOR_RESERVE_S, 5.0 * minutes) if prior_shift else 0.0)
+            deadline = t_start + minutes * 60.0 - (min(PRIOR_RESERVE_S, 5.0 * minutes) if shift else 0.0)
         else:
             deadline = math.inf
         history = fit.run(start=t_start, deadline=deadline, epochs=epochs, steps_per_epoch=steps_per_epoch,
                           patience=patience, reporter=reporter, names=names, on_all_labels=on_all_labels)
         model.load_state_dict(fit.best_state)
         priors = (shift_priors(model, pool, fit.class_counts, offset=offset, scale=scale, device=torch_device)
-                  if prior_shift and pool is not None else {})
+                  if shift and pool is not None else {})
         model = model.cpu().eval()
     seconds = time.perf_counter() - t_start
     metrics = {**history, "train_voxels": sampler.n_train, "final_voxels": fit.sampler.n_train,
@@ -277,7 +283,7 @@ def train(
         "recipe": {"batch_size": batch_size, "patch": size, "lr": lr, "val_fraction": val_fraction,
                    "patience": patience, "steps_per_epoch": steps_per_epoch, "minutes": minutes, "epochs": epochs,
                    "val_split": "strokes", "val_max_fraction": MAX_FRACTION, "val_min_strokes": MIN_STROKES,
-                   "final_share": FINAL_SHARE, "unlabelled": unlabelled, "prior_shift": prior_shift,
+                   "final_share": FINAL_SHARE, "unlabelled": unlabelled, "prior_shift": shift,
                    "teacher": teacher, "teacher_weight": teacher_weight, "teacher_keep": teacher_keep},
         "metrics": metrics,
         "studios_version": __version__,
@@ -314,6 +320,8 @@ def _check_options(**opts: Any) -> None:
         raise ConfigError(f"lr {opts['lr']} must be positive")
     if opts["unlabelled"] not in MODES:
         raise ConfigError(f"unlabelled {opts['unlabelled']!r} must be one of {', '.join(MODES)}")
+    if not isinstance(opts["prior_shift"], bool) and opts["prior_shift"] not in PRIOR_MODES:
+        raise ConfigError(f"prior shift {opts['prior_shift']!r} must be one of {', '.join(PRIOR_MODES)}")
     if opts["teacher"] not in TEACHERS:
         raise ConfigError(f"teacher {opts['teacher']!r} must be one of {', '.join(TEACHERS)}")
     if not (math.isfinite(float(opts["teacher_weight"])) and float(opts["teacher_weight"]) >= 0):
