@@ -30,6 +30,7 @@ from pipeline.core.errors import InputError, StorageError
 from pipeline.core.geometry import AXES, Box
 from pipeline.core.normalize import IntensityStats
 from pipeline.core.tiling import Block
+from pipeline.io.chunks import ChunkWriter
 
 logger = logging.getLogger(__name__)
 
@@ -171,10 +172,15 @@ def build_pyramid(
         )
         step = [2 * c for c in src.chunks[-3:]]
         starts = itertools.product(*(range(0, n, st) for n, st in zip(src.shape[-3:], step, strict=True)))
+        writer = ChunkWriter(dst) if len(dst.shape) == 3 else None
 
-        def tile(start: tuple[int, ...], src: zarr.Array = src, dst: zarr.Array = dst, step: list[int] = step) -> None:
+        def tile(start: tuple[int, ...], src: zarr.Array = src, dst: zarr.Array = dst, step: list[int] = step,
+                 writer: ChunkWriter | None = writer) -> None:
             read: tuple[Any, ...] = (..., *(slice(a, a + st) for a, st in zip(start, step, strict=True)))
             part = downsample(np.asarray(src[read]), method=method)
+            if writer is not None:  # one whole chunk of the new level, encoded in this thread
+                writer.write((start[0] // 2, start[1] // 2, start[2] // 2), part)
+                return
             write: tuple[Any, ...] = (..., *(slice(a // 2, a // 2 + n)
                                              for a, n in zip(start, part.shape[-3:], strict=True)))
             dst[write] = part
