@@ -25,7 +25,7 @@ demo: $(STAMP)
 	DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/studios run configs/demo.yaml --output demo-output
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py
