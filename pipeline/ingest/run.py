@@ -5,7 +5,7 @@ is read, checked for NaN/Inf, added to the global intensity statistics and writt
 z-range of chunks (slabs are chunk-aligned, so no two threads touch one chunk), encoded and
 written by the slab's own thread (:class:`~pipeline.io.chunks.ChunkWriter`). The first
 pyramid level is down-sampled from the slab in memory (two slabs fill one chunk row of level 1,
-written by the driving thread once both are in: no chunk is shared), so level 0 is never read
+written by the slab thread that completes it: no chunk is shared), so level 0 is never read
 back; the coarser levels come from level 1. Peak memory is about ``(workers + 1)`` slabs,
 independent of the volume size. The output is built under a temporary name and renamed into
 place when complete.

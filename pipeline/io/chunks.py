@@ -17,6 +17,7 @@ sharding) fall back to zarr's own write: :attr:`ChunkWriter.direct` says which.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,25 +42,25 @@ class ChunkWriter:
         self.chunks = tuple(int(c) for c in array.chunks)
         self.shape = tuple(int(s) for s in array.shape)
         self.fill = array.fill_value
-        self._blosc: numcodecs.Blosc | None = None
         self._dtype = np.dtype(array.dtype)
-        self._root: Path | None = None
+        #: (compressor, folder of the array) when chunks are encoded and written here
+        self._direct: tuple[numcodecs.Blosc, Path] | None = None
         codecs = tuple(getattr(array.metadata, "codecs", ()))
         store = array.store_path.store
         if (getattr(array.metadata, "zarr_format", 2) == 3 and len(codecs) == 2 and isinstance(codecs[0], BytesCodec)
                 and isinstance(codecs[1], BloscCodec) and isinstance(store, LocalStore) and len(self.shape) == 3):
             blosc, endian = codecs[1], codecs[0].endian
             order: Literal["<", ">"] = ">" if endian is not None and endian.value == "big" else "<"
-            dtype = np.dtype(array.dtype)
-            self._dtype = dtype.newbyteorder(order) if dtype.itemsize > 1 else dtype
-            self._blosc = numcodecs.Blosc(cname=blosc.cname.value, clevel=int(blosc.clevel),
-                                          shuffle=_SHUFFLE[blosc.shuffle.value], blocksize=int(blosc.blocksize))
-            self._root = Path(store.root) / array.store_path.path
+            if self._dtype.itemsize > 1:
+                self._dtype = self._dtype.newbyteorder(order)
+            compressor = numcodecs.Blosc(cname=blosc.cname.value, clevel=int(blosc.clevel),
+                                         shuffle=_SHUFFLE[blosc.shuffle.value], blocksize=int(blosc.blocksize))
+            self._direct = (compressor, Path(store.root) / array.store_path.path)
 
     @property
     def direct(self) -> bool:
         """True when chunks are encoded and written here, False when zarr writes them."""
-        return self._blosc is not None
+        return self._direct is not None
 
     def write(self, start: tuple[int, int, int], data: np.ndarray[Any, Any]) -> None:
         """Write ``data`` (Z, Y, X) at ``start``, a chunk corner; its far faces end on chunk
@@ -73,26 +74,20 @@ class ChunkWriter:
             if s % c or e > n or (e % c and e != n):
                 raise ValueError(f"region {start}..{end} is not chunk-aligned for chunks {self.chunks} "
                                  f"of an array of shape {self.shape}")
-        if self._blosc is None or self._root is None:
+        if self._direct is None:
             self.array[tuple(slice(s, e) for s, e in zip(start, end, strict=True))] = data
             return
-        cz, cy, cx = self.chunks
-        for z in range(start[0], end[0], cz):
-            for y in range(start[1], end[1], cy):
-                for x in range(start[2], end[2], cx):
-                    part = data[z - start[0] : z - start[0] + cz, y - start[1] : y - start[1] + cy,
-                                x - start[2] : x - start[2] + cx]
-                    self._write_chunk((z // cz, y // cy, x // cx), part)
-
-    def _write_chunk(self, coords: tuple[int, int, int], part: np.ndarray[Any, Any]) -> None:
-        assert self._blosc is not None and self._root is not None
-        if part.shape != self.chunks:
-            full = np.full(self.chunks, self.fill, dtype=self._dtype)
-            full[tuple(slice(0, n) for n in part.shape)] = part
-            part = full
-        buf = np.ascontiguousarray(part, dtype=self._dtype)
-        path = self._root / self.array.metadata.encode_chunk_key(coords)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        encoded = self._blosc.encode(buf)  # releases the GIL while compressing
-        with open(path, "wb") as f:
-            f.write(encoded)
+        compressor, root = self._direct
+        ranges = (range(s, e, c) for s, e, c in zip(start, end, self.chunks, strict=True))
+        for corner in itertools.product(*ranges):
+            part = data[tuple(slice(a - s, a - s + c) for a, s, c in zip(corner, start, self.chunks, strict=True))]
+            if part.shape != self.chunks:  # an edge chunk: padded with the fill value, as zarr stores it
+                full = np.full(self.chunks, self.fill, dtype=self._dtype)
+                full[tuple(slice(0, n) for n in part.shape)] = part
+                part = full
+            key = self.array.metadata.encode_chunk_key(tuple(a // c for a, c in zip(corner, self.chunks, strict=True)))
+            path = root / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            encoded = compressor.encode(np.ascontiguousarray(part, dtype=self._dtype))  # GIL released
+            with open(path, "wb") as f:
+                f.write(encoded)

@@ -112,9 +112,9 @@ class TiffStack:
     format: str = "tiff-stack"
     shape: tuple[int, int, int] = (0, 0, 0)
     dtype: np.dtype[Any] = field(default_factory=lambda: np.dtype("uint8"))
-    #: per file, (byte offset, byte order) of its pixels when tifffile finds them stored in final
-    #: form in one contiguous run (uncompressed, no predictor), else None
-    _raw: list[tuple[int, str] | None] = field(default_factory=list, repr=False)
+    #: per file, (byte offset, byte-swap needed) of its pixels when tifffile finds them stored in
+    #: final form in one contiguous run (uncompressed, no predictor), else None
+    _raw: list[tuple[int, bool] | None] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         import tifffile
@@ -138,7 +138,8 @@ class TiffStack:
                                          "re-export or replace this slice")
                     final = (page.is_final and page.is_contiguous
                              and sum(page.databytecounts) == dtype.itemsize * math.prod(shape))
-                    self._raw.append((int(page.dataoffsets[0]), tif.byteorder) if final else None)
+                    swap = dtype.itemsize > 1 and tif.byteorder != ("<" if sys.byteorder == "little" else ">")
+                    self._raw.append((int(page.dataoffsets[0]), swap) if final else None)
             except InputError:
                 raise
             except Exception as exc:  # tifffile raises several types for non-TIFF content
@@ -167,7 +168,7 @@ class TiffStack:
 
         out = np.empty((z1 - z0, *self.shape[1:]), dtype=self.dtype)
         for i, f in enumerate(self.files[z0:z1]):
-            raw = self._raw[z0 + i] if self._raw else None
+            raw = self._raw[z0 + i]
             try:
                 if raw is None:
                     out[i] = tifffile.imread(f)
@@ -177,7 +178,7 @@ class TiffStack:
                     got = fh.readinto(memoryview(out[i]).cast("B"))
                 if got != out[i].nbytes:
                     raise OSError(f"read {got} of {out[i].nbytes} bytes")
-                if raw[1] != ("<" if sys.byteorder == "little" else ">") and self.dtype.itemsize > 1:
+                if raw[1]:
                     out[i].byteswap(inplace=True)
             except Exception as exc:
                 raise InputError(f"{f}: could not be read ({exc}); replace this slice") from None
